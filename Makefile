@@ -1,0 +1,40 @@
+# moshax: `make quickstart` (install + pretrain helium_tiny on the built-in corpus), `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data
+WORKDIR ?= runs/helium_tiny
+
+.PHONY: install quickstart data test test-slow bench clean
+
+$(BIN)/moshax: pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=..." >&2; exit 1; }
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/moshax
+
+install: $(BIN)/moshax
+
+$(DATA)/corpus/train.txt: | $(BIN)/moshax
+	$(BIN)/moshax data corpus --output $(DATA)/corpus
+
+$(DATA)/tokenizer/spm.model: $(DATA)/corpus/train.txt
+	$(BIN)/moshax tokenizer train --input $(DATA)/corpus/train.txt --vocab-size 512 --output $(DATA)/tokenizer/spm
+
+data: $(DATA)/tokenizer/spm.model
+
+quickstart: install data
+	$(BIN)/moshax train --config configs/helium_tiny.yaml --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install data
+	$(BIN)/python bench/bench_helium_train.py
+
+clean:
+	rm -rf $(DATA) runs

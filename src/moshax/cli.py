@@ -1,0 +1,143 @@
+"""The ``moshax`` command.
+
+    moshax train --config configs/helium_tiny.yaml [--workdir DIR] [key=value ...]
+    moshax tokenizer train --input FILE [FILE ...] --vocab-size N --output PREFIX
+    moshax data corpus --output DIR
+
+User mistakes (bad config, missing files, a mesh that does not fit) end in one line on stderr and
+exit code 2; no stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moshax.config import ConfigError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
+    try:
+        from data_pipeline.errors import DataError
+
+        errors.append(DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moshax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workdir:
+        cfg.workdir = args.workdir
+    task = make_task(cfg)
+    task.check_inputs()
+
+    from moshax.training.trainer import Trainer
+
+    trainer = Trainer(cfg, task)
+    summary = trainer.run(max_steps=args.max_steps)
+    m = summary["metrics"]
+    line = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+    print(f"done: steps {summary['start_step']} -> {summary['end_step']} "
+          f"({'resumed' if summary['resumed_from'] is not None else 'fresh'}), "
+          f"{summary['num_params'] / 1e6:.2f}M params, compile {summary['compile_seconds']:.1f}s, "
+          f"workdir {trainer.workdir}")
+    print(json.dumps(line))
+    return 0
+
+
+def make_task(cfg):
+    kind = cfg.model.kind
+    if kind == "helium":
+        from moshax.training.lm_task import LMTask
+
+        return LMTask(cfg)
+    raise UserError(f"model.kind={kind!r} cannot be trained yet")
+
+
+# ----------------------------------------------------------------------------- tokenizer / data
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenizer import train_tokenizer
+
+    for p in args.input:
+        if not Path(p).is_file():
+            raise UserError(f"input file not found: {p}")
+    out = train_tokenizer(args.input, args.output, args.vocab_size, model_type=args.model_type)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    from data_pipeline.corpus import write_corpus
+
+    paths = write_corpus(args.output, train_docs=args.train_docs, eval_docs=args.eval_docs, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moshax", description="JAX pretraining for Helium, Mimi and Moshi.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (resumes from --workdir)")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/helium_tiny.yaml")
+    p.add_argument("--workdir", help="run directory (default: the config's workdir)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps in this invocation (the run resumes later)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 mesh.fsdp=2")
+    p.set_defaults(fn=cmd_train)
+
+    tok = sub.add_parser("tokenizer", help="sentencepiece tokenizers").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a sentencepiece model from .txt/.jsonl files")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--output", required=True, help="output prefix; writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    p.set_defaults(fn=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="action", required=True)
+    p = data.add_parser("corpus", help="write the built-in generated text corpus (train.txt, eval.txt)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--train-docs", type=int, default=20000)
+    p.add_argument("--eval-docs", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_data_corpus)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = _user_errors()
+    try:
+        return args.fn(args)
+    except errors as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moshax: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moshax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared building blocks: norms, RoPE, attention (+ KV ring cache), MLPs, scanned stacks."""

@@ -1,0 +1,106 @@
+"""Multi-head self-attention with fused qkv, a causal context window and a KV ring buffer.
+
+The ring buffer keeps the absolute position of every slot (-1 = empty), so the mask is simply
+``k_pos >= 0 and 0 <= q_pos - k_pos < context``: RoPE and masking use absolute streaming positions
+and the same code serves training (no cache) and step-by-step decoding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moshax.layers.params import normal, param
+from moshax.layers.rope import apply_rope
+from moshax.parallel.sharding import constrain
+
+
+class KVCache(NamedTuple):
+    """Ring buffer of keys/values: k, v [B, capacity, H, D]; pos [B, capacity] absolute, -1 = empty."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @staticmethod
+    def empty(batch: int, capacity: int, heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        z = jnp.zeros((batch, capacity, heads, head_dim), dtype)
+        return KVCache(z, z, jnp.full((batch, capacity), -1, jnp.int32))
+
+    def write(self, k, v, positions) -> "KVCache":
+        """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity``."""
+        cap = self.k.shape[1]
+        if k.shape[1] > cap:  # only the newest `cap` entries survive
+            k, v, positions = k[:, -cap:], v[:, -cap:], positions[:, -cap:]
+        slots = positions % cap
+        b = jnp.arange(k.shape[0])[:, None]
+        return KVCache(
+            self.k.at[b, slots].set(k.astype(self.k.dtype)),
+            self.v.at[b, slots].set(v.astype(self.v.dtype)),
+            self.pos.at[b, slots].set(positions.astype(jnp.int32)),
+        )
+
+
+def attention_mask(q_pos, k_pos, context: int | None, causal: bool):
+    """[B, Tq, Tk] boolean: key valid, causal and within the context window."""
+    delta = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = k_pos[:, None, :] >= 0
+    if causal:
+        mask &= delta >= 0
+    if context is not None:
+        mask &= jnp.abs(delta) < context if not causal else delta < context
+    return mask
+
+
+def dot_product_attention(q, k, v, mask):
+    """Plain-jnp attention: q [B, Tq, H, D], k/v [B, Tk, H, D], mask [B, Tq, Tk]; softmax in fp32."""
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask[:, None], probs, 0.0)  # rows with no valid key give zeros, not NaN
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Fused qkv projection [embed, 3, heads, head_dim] (q, k, v blocks, heads contiguous)."""
+
+    def __init__(self, dim: int, num_heads: int, *, context: int | None, causal: bool, rope: bool,
+                 max_period: float, init_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.context = context
+        self.causal = causal
+        self.rope = rope
+        self.max_period = max_period
+        self.dtype = dtype
+        self.in_proj = param(rngs, normal(init_std), (dim, 3, num_heads, self.head_dim),
+                             ("embed", None, "heads", "kv"), param_dtype)
+        self.out_proj = param(rngs, normal(init_std), (num_heads, self.head_dim, dim),
+                              ("heads", "kv", "embed"), param_dtype)
+
+    def __call__(self, x, positions, cache: KVCache | None = None):
+        """x [B, T, dim], positions [B, T] absolute; returns (y, updated cache or None)."""
+        x = x.astype(self.dtype)
+        qkv = jnp.einsum("btd,dshk->btshk", x, self.in_proj[...].astype(self.dtype))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+        if self.rope:
+            q = apply_rope(q, positions, self.max_period)
+            k = apply_rope(k, positions, self.max_period)
+        if cache is None:
+            keys, values, k_pos, new_cache = k, v, positions, None
+        else:
+            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+            new_cache = cache.write(k, v, positions)
+        mask = attention_mask(positions, k_pos, self.context, self.causal)
+        out = dot_product_attention(q, keys, values, mask)
+        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+        y = jnp.einsum("bthk,hkd->btd", out, self.out_proj[...].astype(self.dtype))
+        return y, new_cache

@@ -1,0 +1,89 @@
+"""Pre-norm transformer block and a stack of them, created with ``nnx.vmap`` and run with a scan.
+
+Compile time does not grow with depth (one traced layer); the remat policy is a config value.
+The KV caches of all layers are one stacked :class:`KVCache` scanned alongside the weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moshax.config import TransformerConfig
+from moshax.layers.attention import KVCache, MultiHeadAttention
+from moshax.layers.mlp import MLP
+from moshax.layers.norms import make_norm
+from moshax.layers.params import constant, param
+from moshax.parallel.sharding import constrain
+
+REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TransformerBlock(nnx.Module):
+    """x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x))."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, rngs=rngs)
+        self.self_attn = MultiHeadAttention(
+            cfg.dim, cfg.num_heads, context=cfg.context, causal=cfg.causal, rope=cfg.positional == "rope",
+            max_period=cfg.max_period, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, rngs=rngs)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, gated=cfg.gated, activation=cfg.activation,
+                       init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.layer_scale is not None:
+            self.layer_scale_1 = param(rngs, constant(cfg.layer_scale), (cfg.dim,), ("norm",), param_dtype)
+            self.layer_scale_2 = param(rngs, constant(cfg.layer_scale), (cfg.dim,), ("norm",), param_dtype)
+        else:
+            self.layer_scale_1 = self.layer_scale_2 = None
+
+    def __call__(self, x, positions, cache: KVCache | None = None):
+        h, cache = self.self_attn(self.norm1(x), positions, cache)
+        if self.layer_scale_1 is not None:
+            h = h * self.layer_scale_1[...].astype(h.dtype)
+        x = x + h.astype(x.dtype)
+        h = self.mlp(self.norm2(x))
+        if self.layer_scale_2 is not None:
+            h = h * self.layer_scale_2[...].astype(h.dtype)
+        x = x + h.astype(x.dtype)
+        return constrain(x, ("act_batch", "act_length", "act_embed")), cache
+
+
+class Transformer(nnx.Module):
+    """``num_layers`` blocks with stacked weights (leading logical axis ``layers``)."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+        def make_layers(rngs):
+            return TransformerBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+
+    def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> KVCache:
+        """Empty stacked KV ring buffers [layers, B, capacity, H, D] (capacity defaults to context)."""
+        cfg = self.cfg
+        one = KVCache.empty(batch, capacity or cfg.context, cfg.num_heads, cfg.head_dim, dtype or self.dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers,) + a.shape), one)
+
+    def __call__(self, x, positions, cache: KVCache | None = None):
+        """x [B, T, dim], positions [B, T]; returns (x, cache) with cache None when not given."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            layer_state, layer_cache = xs
+            y, new_cache = nnx.merge(graphdef, layer_state)(carry, positions, layer_cache)
+            return y, new_cache
+
+        policy = self.cfg.remat
+        if policy != "none":
+            body = jax.checkpoint(body, policy=REMAT[policy], prevent_cse=False)
+        x, new_cache = jax.lax.scan(body, x, (state, cache))
+        return x, new_cache

@@ -1,0 +1,1 @@
+"""Model definitions: compositions of the shared layers."""

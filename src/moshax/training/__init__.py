@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, checkpointing, metrics and the generic trainer loop."""
