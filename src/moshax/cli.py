@@ -45,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = make_task(cfg)
     task.check_inputs()
 
+    import jax
+
     from moshax.training.trainer import Trainer
 
     trainer = Trainer(cfg, task)
@@ -55,6 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({'resumed' if summary['resumed_from'] is not None else 'fresh'}), "
           f"{summary['num_params'] / 1e6:.2f}M params, compile {summary['compile_seconds']:.1f}s, "
           f"workdir {trainer.workdir}")
+    if summary["peak_flops_per_device"] is None:
+        print(f"mfu: n/a (no peak-FLOPs figure for {jax.devices()[0].device_kind!r} devices)")
     print(json.dumps(line))
     return 0
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipeline.errors import DataError
 from moshax.config import Config, ConfigError, dump_yaml, to_dict
 from moshax.parallel.mesh import build_mesh, check_batch
 from moshax.parallel.partition import ModelHandle, replicated
@@ -27,8 +28,8 @@ from moshax.training.metrics import MetricsWriter, peak_flops_per_device
 from moshax.training.optimizer import make_optimizer
 
 
-class DataExhausted(RuntimeError):
-    pass
+class DataExhausted(DataError):
+    """The training iterator ended before ``train.steps`` (a finite source); a user-fixable error."""
 
 
 @dataclass
