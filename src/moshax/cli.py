@@ -3,6 +3,7 @@
     moshax train --config configs/helium_tiny.yaml [--workdir DIR] [key=value ...]
     moshax tokenizer train --input FILE [FILE ...] --vocab-size N --output PREFIX
     moshax data corpus --output DIR
+    moshax data tokenize --config CFG --output DIR [--split train|eval]
 
 User mistakes (bad config, missing files, a mesh that does not fit) end in one line on stderr and
 exit code 2; no stack trace.
@@ -23,7 +24,9 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moshax.config import ConfigError
 
-    errors: list[type[BaseException]] = [UserError, ConfigError, FileNotFoundError]
+    from moshax.training.checkpointing import CheckpointError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, FileNotFoundError]
     try:
         from data_pipeline.errors import DataError
 
@@ -36,10 +39,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # ----------------------------------------------------------------------------- train
 
 
+def _init_distributed(args: argparse.Namespace) -> None:
+    from moshax.parallel.distributed import DistributedSpec, initialize
+
+    initialize(DistributedSpec.from_env(args.coordinator, args.num_processes, args.process_id, args.multihost))
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-host (see src/moshax/parallel/distributed.py)")
+    g.add_argument("--multihost", action="store_true", help="initialize jax.distributed from the platform (TPU VM, GKE)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0 (explicit multi-process setup)")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from moshax.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    _init_distributed(args)
     if args.workdir:
         cfg.workdir = args.workdir
     task = make_task(cfg)
@@ -86,6 +104,20 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    from data_pipeline.text_to_shards import tokenize_to_shards
+
+    from moshax.config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = tokenize_to_shards(cfg.data, args.output, split=args.split, records_per_shard=args.records_per_shard,
+                                  config_dict={"data": to_dict(cfg.data)})
+    stats = manifest["stats"]
+    print(f"wrote {manifest['total_records']} rows of {cfg.data.seq_len + 1} tokens in {len(manifest['shards'])} "
+          f"shard(s) to {args.output} ({stats['documents']} documents, {stats['tokens']} tokens)")
+    return 0
+
+
 def cmd_data_corpus(args: argparse.Namespace) -> int:
     from data_pipeline.corpus import write_corpus
 
@@ -108,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps in this invocation (the run resumes later)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 mesh.fsdp=2")
+    _add_distributed_flags(p)
     p.set_defaults(fn=cmd_train)
 
     tok = sub.add_parser("tokenizer", help="sentencepiece tokenizers").add_subparsers(dest="action", required=True)
@@ -125,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-docs", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_data_corpus)
+    p = data.add_parser("tokenize", help="tokenize a config's text sources into packed ArrayRecord token shards")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output", required=True, help="new directory for the shards and manifest.json")
+    p.add_argument("--split", default="train", choices=["train", "eval"])
+    p.add_argument("--records-per-shard", type=int, default=4096)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_data_tokenize)
     return parser
 
 

@@ -101,6 +101,8 @@ class TextDataConfig:
     train_sources: list[str] = field(default_factory=list)  # .txt/.jsonl paths or globs, tfds:NAME[/CONFIG][:SPLIT]
     eval_sources: list[str] = field(default_factory=list)
     tokenizer: str = ""  # sentencepiece .model file
+    train_shards: str = ""  # token-shard dir (`moshax data tokenize`): elastic loader, used instead of sources
+    eval_shards: str = ""
     seq_len: int = 128
     jsonl_field: str = "text"
     tfds_data_dir: str | None = None

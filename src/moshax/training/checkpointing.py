@@ -14,6 +14,10 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for this run; the message says why in one line."""
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
@@ -24,7 +28,8 @@ class Checkpointer:
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),  # one state file per process
+            "data_elastic": ocp.JsonCheckpointHandler(),  # one state for any number of processes
             "meta": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
@@ -33,19 +38,44 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator=None, meta: dict | None = None, force: bool = True) -> bool:
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        meta = dict(meta or {}, process_count=jax.process_count())
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            if getattr(data_iterator, "elastic", False):
+                items["data_elastic"] = ocp.args.JsonSave(data_iterator.get_state())
+            else:
+                items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
         """Restore ``state`` onto the shardings in ``abstract_state`` (ShapeDtypeStructs), and the
         iterator in place; returns (state, meta)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        step_dir = self.directory / str(step)
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        elastic = None
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            if getattr(data_iterator, "elastic", False):
+                if not (step_dir / "data_elastic").exists():
+                    raise CheckpointError(f"{step_dir}: the data position was saved by a per-process (text) "
+                                          "loader, but this run reads token shards; use the same data settings")
+                items["data_elastic"] = ocp.args.JsonRestore()
+                elastic = True
+            else:
+                saved = meta.get("process_count", 1)
+                if saved != jax.process_count():
+                    raise CheckpointError(
+                        f"{step_dir}: the text loader's position was saved by {saved} processes and this run has "
+                        f"{jax.process_count()}; a per-process text position cannot move to another process "
+                        "count: tokenize the data into shards (`moshax data tokenize`) for elastic restores")
+                if not (step_dir / "data").exists():
+                    raise CheckpointError(f"{step_dir}: no per-process data position saved (token shards were "
+                                          "used); use the same data settings")
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], out["meta"]
+        if elastic:
+            data_iterator.set_state(out["data_elastic"])
+        return out["state"], meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

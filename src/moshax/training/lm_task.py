@@ -37,7 +37,22 @@ class LMTask:
         """A checkpointable Grain iterator, or None when the split has no sources."""
         from data_pipeline.text_loader import make_text_iterator
 
-        sources = self.cfg.data.train_sources if split == "train" else self.cfg.data.eval_sources
+        data = self.cfg.data
+        shards = data.train_shards if split == "train" else data.eval_shards
+        if shards:
+            from data_pipeline.shard_loader import make_shard_iterator
+            from data_pipeline.token_shards import read_manifest
+
+            shape = read_manifest(shards)["record"]["shape"]
+            if shape != [self.seq_len + 1]:
+                from data_pipeline.errors import DataError
+
+                raise DataError(f"token shards {shards} hold rows of {shape[-1]} tokens, but data.seq_len + 1 = "
+                                f"{self.seq_len + 1}")
+            return make_shard_iterator(shards, split=split, global_batch_size=global_batch_size, seed=self.cfg.seed,
+                                       process_index=process_index, process_count=process_count,
+                                       num_workers=data.num_workers)
+        sources = data.train_sources if split == "train" else data.eval_sources
         if not sources:
             return None
         return make_text_iterator(self.cfg.data, split=split, global_batch_size=global_batch_size,
@@ -45,20 +60,23 @@ class LMTask:
 
     def check_inputs(self) -> None:
         """Fail early, in one line, on inputs the user named but that are missing."""
-        from data_pipeline.tokenizer import load_tokenizer
+        from moshax.config import ConfigError
 
-        tok = load_tokenizer(self.cfg.data.tokenizer)
-        if tok.vocab_size() > self.cfg.model.vocab_size:
-            from moshax.config import ConfigError
+        data = self.cfg.data
+        if data.train_shards:
+            from data_pipeline.token_shards import read_manifest
 
-            raise ConfigError(
-                f"data.tokenizer {self.cfg.data.tokenizer} has {tok.vocab_size()} pieces but "
-                f"model.vocab_size={self.cfg.model.vocab_size}"
-            )
-        if not self.cfg.data.train_sources:
-            from moshax.config import ConfigError
+            vocab = read_manifest(data.train_shards).get("tokenizer", {}).get("vocab_size", 0)
+            where = f"token shards {data.train_shards}"
+        else:
+            from data_pipeline.tokenizer import load_tokenizer
 
-            raise ConfigError("data.train_sources is empty: name at least one .txt/.jsonl file or tfds:NAME")
+            if not data.train_sources:
+                raise ConfigError("data.train_sources is empty: name .txt/.jsonl files, tfds:NAME, or data.train_shards")
+            vocab = load_tokenizer(data.tokenizer).vocab_size()
+            where = f"data.tokenizer {data.tokenizer}"
+        if vocab > self.cfg.model.vocab_size:
+            raise ConfigError(f"{where} has {vocab} pieces but model.vocab_size={self.cfg.model.vocab_size}")
 
     def flops_per_example(self, num_params: int, num_embedding_params: int) -> float:
         t = self.cfg.model.transformer
