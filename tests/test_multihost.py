@@ -94,3 +94,35 @@ def test_two_processes_equal_one_and_checkpoints_cross_process_counts(shards, tm
     assert both["resumed_from"] == 2 and both["end"] == 4
     np.testing.assert_allclose(both["losses"], ref["losses"][2:], rtol=1e-5)
     np.testing.assert_allclose(both["param_sums"], ref["param_sums"], rtol=1e-5, atol=1e-5)
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_all(shards, tmp_path):
+    """The preemption notice reaches one process; both agree on a step, save it and exit 0."""
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    overrides = ["model.vocab_size=128", "mesh.data=2", "mesh.fsdp=-1", f"data.train_shards={shards}",
+                 "data.seq_len=16", "data.eval_sources=[]", "model.transformer.num_layers=1",
+                 "model.transformer.dim=32", "model.transformer.num_heads=2", "model.transformer.hidden_dim=64",
+                 "train.steps=100000", "train.batch_size=8", "train.log_every=1", "train.progress=false",
+                 "checkpoint.every=100000"]
+    procs = [subprocess.Popen([sys.executable, "-m", "moshax.cli", "train", "--config", "configs/helium_tiny.yaml",
+                               "--workdir", str(tmp_path), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(pid), *overrides],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+    metrics = tmp_path / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and sum(1 for _ in metrics.open()) >= 3):
+        assert time.time() - t0 < 300 and all(p.poll() is None for p in procs), "no progress"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and steps[0] >= 3
+    assert f"preempted: checkpoint saved at step {steps[0]}" in outs[0]
+    assert (tmp_path / "checkpoints" / str(steps[0]) / "data_elastic").exists()

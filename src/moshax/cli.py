@@ -75,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({'resumed' if summary['resumed_from'] is not None else 'fresh'}), "
           f"{summary['num_params'] / 1e6:.2f}M params, compile {summary['compile_seconds']:.1f}s, "
           f"workdir {trainer.workdir}")
+    if summary["preempted"]:
+        print(f"preempted: checkpoint saved at step {summary['end_step']}; run the same command to resume")
     if summary["peak_flops_per_device"] is None:
         print(f"mfu: n/a (no peak-FLOPs figure for {jax.devices()[0].device_kind!r} devices)")
     print(json.dumps(line))

@@ -6,6 +6,8 @@ Restoring takes the *current* shardings as the target, so a checkpoint written o
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,39 @@ class Checkpointer:
         if elastic:
             data_iterator.set_state(out["data_elastic"])
         return out["state"], meta
+
+    def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any] | None:
+        """Restore the newest checkpoint that reads back whole; an unreadable one (e.g. cut off
+        mid-write on a filesystem without atomic renames) is skipped with a warning. Orbax never
+        lists a checkpoint whose write did not finalize. Returns (step, state) or None."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state, _ = self.restore(step, abstract_state, data_iterator)
+                return step, state
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means "not usable"
+                if i == len(steps) - 1:
+                    raise CheckpointError(f"no usable checkpoint in {self.directory}: step {step}: "
+                                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                aside = self._set_aside(step)
+                logging.warning("checkpoint %d in %s is unreadable (%s); moved it to %s, falling back to step %d",
+                                step, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                aside.name, steps[i + 1])
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Rename an unusable step out of Orbax's view (kept for inspection, never deleted)."""
+        aside = self.directory / f"unusable-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"moshax_set_aside_{step}")
+        self.manager.reload()
+        return aside
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -26,6 +26,7 @@ from moshax.parallel.sharding import logical_to_spec
 from moshax.training.checkpointing import Checkpointer, abstract_like
 from moshax.training.metrics import MetricsWriter, peak_flops_per_device
 from moshax.training.optimizer import make_optimizer
+from moshax.training.preemption import PreemptionWatcher
 
 
 class DataExhausted(DataError):
@@ -231,11 +232,11 @@ class Trainer:
                             async_save=cfg.checkpoint.async_save)
         train_iter = self.task.data_iterator("train", global_batch_size=tc.batch_size,
                                              process_index=self.process_index, process_count=self.process_count)
-        start = ckpt.latest_step()
-        if start is not None:
-            t0 = time.perf_counter()
-            state, _ = ckpt.restore(start, self.abstract_state, train_iter)
-            self.times.checkpoint_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        restored = ckpt.restore_latest(self.abstract_state, train_iter)
+        self.times.checkpoint_seconds += time.perf_counter() - t0
+        if restored is not None:
+            start, state = restored
             resumed_from = start
         else:
             state, start, resumed_from = self.init_state(), 0, None
@@ -252,6 +253,8 @@ class Trainer:
         last_metrics: dict = {}
         window_start, window_steps = None, 0
         step = start
+        preempted = False
+        watcher = PreemptionWatcher()
         try:
             while step < end:
                 try:
@@ -289,17 +292,24 @@ class Trainer:
                         writer.write(step, ev)
                         last_metrics.update(ev)
                     window_start, window_steps = time.perf_counter(), 0
-                if step % cfg.checkpoint.every == 0 or is_last:
+                if watcher.should_stop(step) and not is_last:
+                    preempted = True
+                if step % cfg.checkpoint.every == 0 or is_last or preempted:
                     t0 = time.perf_counter()
                     ckpt.save(step, state, train_iter, {"config": to_dict(cfg), "step": step})
                     self.times.checkpoint_seconds += time.perf_counter() - t0
                     window_start, window_steps = time.perf_counter(), 0
+                if preempted:
+                    if pbar is not None:
+                        pbar.write(f"preemption notice: saved a checkpoint at step {step}; exiting")
+                    break
             if step == tc.steps and step > start:
                 ev = self.evaluate(state)
                 if ev:
                     writer.write(step, ev)
                     last_metrics.update(ev)
         finally:
+            watcher.close()
             if pbar is not None:
                 pbar.close()
             t0 = time.perf_counter()
@@ -311,6 +321,7 @@ class Trainer:
             "start_step": start,
             "end_step": step,
             "resumed_from": resumed_from,
+            "preempted": preempted,
             "num_params": n_params,
             "metrics": last_metrics,
             "history": writer.history,
