@@ -137,3 +137,21 @@ def test_remat_policies_give_same_gradients(policy):
     got = grads(_tiny_cfg(remat=policy))
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("context, causal", [(None, True), (40, True), (30, False)])
+def test_chunked_attention_equals_reference_values_and_grads(context, causal):
+    from moshax.kernels.attention import chunked_attention, reference_attention
+
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 64, 2, 8)).astype(np.float32)) for _ in range(3))
+    pos = jnp.broadcast_to(jnp.arange(64), (2, 64))
+
+    def run(fn):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, pos, pos, context=context, causal=causal))),
+                                  argnums=(0, 1, 2))(q, k, v)
+
+    (ref, ref_g), (got, got_g) = run(reference_attention), run(lambda *a, **kw: chunked_attention(*a, block_q=16, **kw))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for a, b in zip(ref_g, got_g):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

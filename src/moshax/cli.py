@@ -2,6 +2,8 @@
 
     moshax train --config configs/helium_tiny.yaml [--workdir DIR] [key=value ...]
     moshax tokenizer train --input FILE [FILE ...] --vocab-size N --output PREFIX
+    moshax compile --config CFG --topology v5p:4x4x4 [key=value ...]
+    moshax launch tpu-vm|gke ... [--dry-run]
     moshax data corpus --output DIR
     moshax data tokenize --config CFG --output DIR [--split train|eval]
 
@@ -83,6 +85,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from moshax.config import load_config
+    from moshax.parallel import aot
+
+    cfg = load_config(args.config, args.overrides)
+    report = aot.compile_train_step(cfg, make_task(cfg), args.topology)
+    print(report.format())
+    if args.json:
+        import dataclasses
+
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report) | {"total_bytes": report.total_bytes,
+                                                                             "fits": report.fits}, indent=2))
+    if not report.fits:
+        print(f"moshax: error: {cfg.name} does not fit on {args.topology}: {report.total_bytes / aot.GiB:.1f} GiB "
+              f"per chip > {report.hbm_bytes / aot.GiB:.1f} GiB HBM", file=sys.stderr)
+        return 3
+    return 0
+
+
 def make_task(cfg):
     kind = cfg.model.kind
     if kind == "helium":
@@ -145,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_flags(p)
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("compile", help="compile the train step ahead of time for a TPU topology (no TPU needed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2, v6e:4x4, v4:2x2x2")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_compile)
+
+    launch = sub.add_parser("launch", help="launch training on TPU VM pods or GKE").add_subparsers(
+        dest="target", required=True)
+    from moshax.launch import gke, tpu_vm
+
+    p = launch.add_parser("tpu-vm", help="create/reuse a TPU VM slice, ship code, install, train on all workers")
+    tpu_vm.add_arguments(p)
+    p.set_defaults(fn=tpu_vm.run)
+    p = launch.add_parser("gke", help="print a JobSet manifest (or an xpk command) for GKE")
+    gke.add_arguments(p)
+    p.set_defaults(fn=gke.run)
+
     tok = sub.add_parser("tokenizer", help="sentencepiece tokenizers").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a sentencepiece model from .txt/.jsonl files")
     p.add_argument("--input", nargs="+", required=True)
@@ -179,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"moshax: error: {msg}", file=sys.stderr)
-        return 2
+        return 3 if type(e).__name__ == "DoesNotFit" else 2
     except KeyboardInterrupt:
         print("moshax: interrupted", file=sys.stderr)
         return 130

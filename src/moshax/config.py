@@ -82,7 +82,22 @@ class HeliumConfig:
         self.transformer.validate(f"{where}.transformer")
 
 
-MODEL_CONFIGS: dict[str, type] = {"helium": HeliumConfig}
+# model.kind -> config class; classes living next to their model are imported on first use.
+MODEL_CONFIGS: dict[str, type | str] = {
+    "helium": HeliumConfig,
+    "moshi": "moshax.models.moshi_lm:MoshiLMConfig",
+    "mimi": "moshax.models.mimi.config:MimiConfig",
+}
+
+
+def model_config_class(kind: str) -> type:
+    cls = MODEL_CONFIGS[kind]
+    if isinstance(cls, str):
+        import importlib
+
+        module, name = cls.split(":")
+        cls = MODEL_CONFIGS[kind] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 @dataclass
@@ -273,7 +288,7 @@ def _build_model(data: Any, where: str) -> Any:
     kind = data.get("kind", "helium")
     if kind not in MODEL_CONFIGS:
         raise ConfigError(f"{where}.kind={kind!r}: expected one of {', '.join(MODEL_CONFIGS)}")
-    return _build(MODEL_CONFIGS[kind], data, where)
+    return _build(model_config_class(kind), data, where)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moshax.layers.params import normal, param
+from moshax.kernels.attention import attention
 from moshax.layers.rope import apply_rope
 from moshax.parallel.sharding import constrain
 
@@ -42,27 +43,6 @@ class KVCache(NamedTuple):
             self.v.at[b, slots].set(v.astype(self.v.dtype)),
             self.pos.at[b, slots].set(positions.astype(jnp.int32)),
         )
-
-
-def attention_mask(q_pos, k_pos, context: int | None, causal: bool):
-    """[B, Tq, Tk] boolean: key valid, causal and within the context window."""
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = k_pos[:, None, :] >= 0
-    if causal:
-        mask &= delta >= 0
-    if context is not None:
-        mask &= jnp.abs(delta) < context if not causal else delta < context
-    return mask
-
-
-def dot_product_attention(q, k, v, mask):
-    """Plain-jnp attention: q [B, Tq, H, D], k/v [B, Tk, H, D], mask [B, Tq, Tk]; softmax in fp32."""
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None], probs, 0.0)  # rows with no valid key give zeros, not NaN
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -99,8 +79,7 @@ class MultiHeadAttention(nnx.Module):
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             new_cache = cache.write(k, v, positions)
-        mask = attention_mask(positions, k_pos, self.context, self.causal)
-        out = dot_product_attention(q, keys, values, mask)
+        out = attention(q, keys, values, positions, k_pos, context=self.context, causal=self.causal)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         y = jnp.einsum("bthk,hkd->btd", out, self.out_proj[...].astype(self.dtype))
         return y, new_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from flax import nnx
 
 from moshax.config import Config
@@ -21,6 +22,10 @@ class LMTask:
 
     def build_model(self, rngs: nnx.Rngs) -> Helium:
         return Helium(self.cfg.model, rngs=rngs)
+
+    def example_spec(self) -> dict:
+        """Shape and dtype of one example, per batch field."""
+        return {"tokens": ((self.seq_len + 1,), np.int32)}
 
     def batch_axes(self) -> dict:
         return {"tokens": ("act_batch", None)}

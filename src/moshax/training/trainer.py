@@ -110,6 +110,16 @@ class Trainer:
             axes = (None,) + axes
         return NamedSharding(self.mesh, logical_to_spec(axes, self.mesh.axis_names))
 
+    def abstract_batch(self, eval_batch: bool = False) -> dict:
+        """ShapeDtypeStructs (with shardings) of a global train batch [accum, B / accum, ...]."""
+        accum = 1 if eval_batch else self.accum
+        rows = self.cfg.train.batch_size // self.accum
+        out = {}
+        for name, (shape, dtype) in self.task.example_spec().items():
+            full = (accum, rows) + tuple(shape)
+            out[name] = jax.ShapeDtypeStruct(full, dtype, sharding=self.batch_sharding(name, len(full), True))
+        return out
+
     def to_global(self, local_batch: dict, accum: int) -> dict:
         """Per-process numpy rows [local_B, ...] -> global arrays [accum, B / accum, ...]."""
         out = {}

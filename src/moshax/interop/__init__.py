@@ -1,0 +1,1 @@
+"""Converters between Kyutai's released checkpoints (safetensors) and moshax params, both directions."""

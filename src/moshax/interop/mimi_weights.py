@@ -1,0 +1,298 @@
+"""Kyutai Mimi checkpoints (safetensors state dicts) <-> moshax :class:`~moshax.models.mimi.model.Mimi`.
+
+* :func:`load_kyutai_state_dict` writes a Kyutai state dict (numpy arrays) into a moshax Mimi.
+  It reads both attention namings: the released ``self_attn.in_proj_weight`` /
+  ``self_attn.out_proj.weight`` and ``moshi``'s own ``self_attn.in_projs.0.weight`` /
+  ``out_projs.0.weight`` (and the legacy codebook names ``embed_avg``/``cluster_size``/``inited``).
+  Missing or unexpected keys and wrong shapes raise :class:`MimiWeightsError`, listing them.
+* :func:`kyutai_state_dict` gives the released form back (what Kyutai's Rust/MLX loaders accept).
+* :func:`mimi_from_kyutai_state_dict` builds the model abstractly (``nnx.eval_shape``: no random
+  init, which costs seconds of per-shape compiles on a CPU) and fills every variable.
+* :func:`load_mimi` / :func:`save_mimi` read and write ``.safetensors`` files through
+  ``safetensors.numpy`` (no torch needed).
+
+Layout changes (Kyutai -> moshax): conv ``[O, I/g, K] -> [K, I/g, O]``; transposed conv
+``[I, O/g, K] -> [K, I, O/g]``; fused qkv ``[3*D, D]`` rows (q|k|v, heads contiguous)
+``-> [D, 3, H, hd]``; out proj ``[D, D] -> [H, hd, D]``; linears ``[out, in] -> [in, out]``;
+1x1 quantizer projections ``[out, in, 1] -> [in, out]``; per-layer transformer weights and
+per-level codebook buffers are stacked along a leading axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moshax.models.mimi.config import MimiConfig
+
+
+class MimiWeightsError(ValueError):
+    """A state dict does not fit the Mimi architecture (missing/unexpected keys, wrong shapes)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # Kyutai key; "{i}" is the layer/level index when ``count`` > 0
+    path: tuple  # moshax variable path (attribute names and list indices)
+    kind: str
+    count: int = 0  # > 0: the moshax variable stacks ``count`` Kyutai tensors along axis 0
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+def _to_ours(kind: str, a: np.ndarray, heads: int) -> np.ndarray:
+    if kind == "conv":
+        return a.transpose(2, 1, 0)
+    if kind == "convtr":
+        return a.transpose(2, 0, 1)
+    if kind == "linear":
+        return a.T
+    if kind == "proj":
+        return a[:, :, 0].T
+    if kind == "attn_in":
+        d = a.shape[1]
+        return a.reshape(3, heads, d // heads, d).transpose(3, 0, 1, 2)
+    if kind == "attn_out":
+        d = a.shape[0]
+        return a.T.reshape(heads, d // heads, d)
+    if kind == "flag":
+        return a.reshape(())
+    return a
+
+
+def _to_theirs(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return a.transpose(2, 1, 0)
+    if kind == "convtr":
+        return a.transpose(1, 2, 0)
+    if kind == "linear":
+        return a.T
+    if kind == "proj":
+        return a.T[:, :, None]
+    if kind == "attn_in":
+        return a.transpose(1, 2, 3, 0).reshape(-1, a.shape[0])
+    if kind == "attn_out":
+        return a.reshape(-1, a.shape[-1]).T
+    if kind == "flag":
+        return a.reshape(1)
+    return a
+
+
+# ------------------------------------------------------------------------------ key map
+
+
+def _conv(key: str, path: tuple, bias: bool = True) -> list[_Entry]:
+    out = [_Entry(f"{key}.weight", path + ("weight",), "conv")]
+    if bias:
+        out.append(_Entry(f"{key}.bias", path + ("bias",), "copy"))
+    return out
+
+
+def _resblock(prefix: str, path: tuple, true_skip: bool) -> list[_Entry]:
+    out = _conv(f"{prefix}.block.1.conv.conv", path + ("conv1",)) + _conv(f"{prefix}.block.3.conv.conv", path + ("conv2",))
+    if not true_skip:
+        out += _conv(f"{prefix}.shortcut.conv.conv", path + ("shortcut",))
+    return out
+
+
+def _entries(cfg: MimiConfig) -> list[_Entry]:
+    sc = cfg.seanet
+    nres = sc.n_residual_layers
+    out: list[_Entry] = []
+    # encoder: conv, [res x n, ELU, down] per ratio, ELU, conv
+    out += _conv("encoder.model.0.conv.conv", ("encoder", "conv_in"))
+    idx = 1
+    for b in range(len(sc.ratios)):
+        for j in range(nres):
+            out += _resblock(f"encoder.model.{idx}", ("encoder", "blocks", b, "res", j), sc.true_skip)
+            idx += 1
+        idx += 1  # ELU
+        out += _conv(f"encoder.model.{idx}.conv.conv", ("encoder", "blocks", b, "down"))
+        idx += 1
+    out += _conv(f"encoder.model.{idx + 1}.conv.conv", ("encoder", "conv_out"))
+    # decoder: conv, [ELU, up, res x n] per ratio, ELU, conv
+    out += _conv("decoder.model.0.conv.conv", ("decoder", "conv_in"))
+    idx = 1
+    for b in range(len(sc.ratios)):
+        idx += 1  # ELU
+        out += [_Entry(f"decoder.model.{idx}.convtr.convtr.weight", ("decoder", "blocks", b, "up", "weight"), "convtr"),
+                _Entry(f"decoder.model.{idx}.convtr.convtr.bias", ("decoder", "blocks", b, "up", "bias"), "copy")]
+        idx += 1
+        for j in range(nres):
+            out += _resblock(f"decoder.model.{idx}", ("decoder", "blocks", b, "res", j), sc.true_skip)
+            idx += 1
+    out += _conv(f"decoder.model.{idx + 1}.conv.conv", ("decoder", "conv_out"))
+    # transformers (stacked layers)
+    n = cfg.transformer.num_layers
+    for name in ("encoder_transformer", "decoder_transformer"):
+        pre = f"{name}.transformer.layers.{{i}}"
+        lay = (name, "layers")
+        out += [
+            _Entry(f"{pre}.self_attn.in_proj_weight", lay + ("self_attn", "in_proj"), "attn_in", n),
+            _Entry(f"{pre}.self_attn.out_proj.weight", lay + ("self_attn", "out_proj"), "attn_out", n),
+            _Entry(f"{pre}.norm1.weight", lay + ("norm1", "weight"), "copy", n),
+            _Entry(f"{pre}.norm1.bias", lay + ("norm1", "bias"), "copy", n),
+            _Entry(f"{pre}.norm2.weight", lay + ("norm2", "weight"), "copy", n),
+            _Entry(f"{pre}.norm2.bias", lay + ("norm2", "bias"), "copy", n),
+            _Entry(f"{pre}.linear1.weight", lay + ("mlp", "linear_in"), "linear", n),
+            _Entry(f"{pre}.linear2.weight", lay + ("mlp", "linear_out"), "linear", n),
+        ]
+        if cfg.transformer.layer_scale is not None:
+            out += [_Entry(f"{pre}.layer_scale_1.scale", lay + ("layer_scale_1",), "copy", n),
+                    _Entry(f"{pre}.layer_scale_2.scale", lay + ("layer_scale_2",), "copy", n)]
+    # resampling
+    if cfg.downsample_stride > 1:
+        out += [_Entry("downsample.conv.conv.conv.weight", ("downsample", "weight"), "conv"),
+                _Entry("upsample.convtr.convtr.convtr.weight", ("upsample", "weight"), "convtr")]
+    # quantizer
+    q = cfg.quantizer
+    for name, levels in (("rvq_first", q.n_q_semantic), ("rvq_rest", q.n_q - q.n_q_semantic)):
+        pre, path = f"quantizer.{name}", ("quantizer", name)
+        cb = f"{pre}.vq.layers.{{i}}._codebook"
+        out += [
+            _Entry(f"{pre}.input_proj.weight", path + ("input_proj",), "proj"),
+            _Entry(f"{pre}.output_proj.weight", path + ("output_proj",), "proj"),
+            _Entry(f"{cb}.embedding_sum", path + ("embedding_sum",), "copy", levels),
+            _Entry(f"{cb}.cluster_usage", path + ("cluster_usage",), "copy", levels),
+            _Entry(f"{cb}._initialized", path + ("initialized",), "flag", levels),
+        ]
+    return out
+
+
+def expected_keys(cfg: MimiConfig) -> list[str]:
+    """Every key of the released Kyutai state dict for this architecture."""
+    keys = []
+    for e in _entries(cfg):
+        keys += [e.key.format(i=i) for i in range(e.count)] if e.count else [e.key]
+    return keys
+
+
+# ------------------------------------------------------------------------------ aliases
+
+_ALIASES = (  # other spellings -> released spelling (suffix match)
+    (".self_attn.in_projs.0.weight", ".self_attn.in_proj_weight"),
+    (".self_attn.in_proj.weight", ".self_attn.in_proj_weight"),
+    (".self_attn.out_projs.0.weight", ".self_attn.out_proj.weight"),
+    ("._codebook.inited", "._codebook._initialized"),
+    ("._codebook.cluster_size", "._codebook.cluster_usage"),
+    ("._codebook.embed_avg", "._codebook.embedding_sum"),
+    ("._codebook.embed_sum", "._codebook.embedding_sum"),
+)
+
+
+def _canonical(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        name = key
+        for old, new in _ALIASES:
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+                break
+        if name in out:
+            raise MimiWeightsError(f"state dict has two spellings of {name!r} (one is {key!r})")
+        out[name] = value
+    return out
+
+
+def _summary(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+# ------------------------------------------------------------------------------ access
+
+
+def _variable(model, path: tuple) -> nnx.Variable:
+    node = model
+    for p in path:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    if not isinstance(node, nnx.Variable):
+        raise TypeError(f"{'.'.join(map(str, path))} is not a variable")
+    return node
+
+
+def load_kyutai_state_dict(model, state_dict: Mapping[str, np.ndarray], *, strict: bool = True):
+    """Write a Kyutai Mimi state dict (name -> array) into ``model`` (in place); returns the model.
+
+    ``strict``: unexpected keys are an error (missing keys always are)."""
+    cfg: MimiConfig = model.cfg
+    sd = _canonical(state_dict)
+    heads = cfg.transformer.num_heads
+    entries = _entries(cfg)
+    wanted = set(expected_keys(cfg))
+    missing = wanted - set(sd)
+    unexpected = set(sd) - wanted
+    if missing or (strict and unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_summary(missing)}")
+        if strict and unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_summary(unexpected)}")
+        raise MimiWeightsError("Mimi state dict does not match the config: " + "; ".join(parts))
+    for e in entries:
+        var = _variable(model, e.path)
+        if e.count:
+            value = np.stack([_to_ours(e.kind, np.asarray(sd[e.key.format(i=i)]), heads) for i in range(e.count)])
+        else:
+            value = _to_ours(e.kind, np.asarray(sd[e.key]), heads)
+        current = var.get_value()  # an array, or a ShapeDtypeStruct for an abstract model
+        if tuple(value.shape) != tuple(current.shape):
+            shown = e.key.format(i=0) if e.count else e.key
+            raise MimiWeightsError(f"{shown}: shape {np.asarray(sd[shown]).shape} gives {value.shape} for "
+                                   f"{'.'.join(map(str, e.path))}, expected {tuple(current.shape)}")
+        var.set_value(jnp.asarray(value, dtype=current.dtype))
+    return model
+
+
+def mimi_from_kyutai_state_dict(state_dict: Mapping[str, np.ndarray], cfg: MimiConfig | None = None, *,
+                                strict: bool = True):
+    """A moshax Mimi whose every variable comes from ``state_dict`` (no random init is run)."""
+    from moshax.models.mimi.model import Mimi
+
+    cfg = cfg or MimiConfig()
+    model = nnx.eval_shape(lambda: Mimi(cfg, rngs=nnx.Rngs(0)))
+    load_kyutai_state_dict(model, state_dict, strict=strict)
+    left = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+            if isinstance(v, jax.ShapeDtypeStruct)]
+    if left:  # the key map must cover every variable
+        raise MimiWeightsError(f"variables not set by the state dict: {_summary(left)}")
+    return model
+
+
+def kyutai_state_dict(model) -> dict[str, np.ndarray]:
+    """The released-form Kyutai state dict of a moshax Mimi (numpy float arrays, contiguous)."""
+    cfg: MimiConfig = model.cfg
+    out: dict[str, np.ndarray] = {}
+    for e in _entries(cfg):
+        value = np.asarray(_variable(model, e.path)[...])
+        if e.count:
+            for i in range(e.count):
+                out[e.key.format(i=i)] = np.ascontiguousarray(_to_theirs(e.kind, value[i]))
+        else:
+            out[e.key] = np.ascontiguousarray(_to_theirs(e.kind, value))
+    return out
+
+
+def load_mimi(path: str | Path, cfg: MimiConfig | None = None, *, strict: bool = True):
+    """Build a moshax Mimi (default: the released architecture) and load a Kyutai ``.safetensors``."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Mimi checkpoint not found: {path}")
+    return mimi_from_kyutai_state_dict(load_file(str(path)), cfg, strict=strict)
+
+
+def save_mimi(model, path: str | Path) -> None:
+    """Write a moshax Mimi as a Kyutai (released-form) ``.safetensors`` file."""
+    from safetensors.numpy import save_file
+
+    save_file(kyutai_state_dict(model), str(path))

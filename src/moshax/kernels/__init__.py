@@ -1,0 +1,1 @@
+"""Attention implementations and their dispatch (plain XLA, query-chunked XLA; Pallas later)."""

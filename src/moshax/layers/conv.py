@@ -1,0 +1,183 @@
+"""Streaming causal 1-d convolutions (Conv1d, ConvTranspose1d), as Kyutai's ``StreamingConv1d``.
+
+Layout: **channels-last**, ``x [B, T, C]``. Parameters (logical axis names in the ``axes`` metadata):
+
+* :class:`Conv1d` weight ``[K, C_in // groups, C_out]`` (``conv_k, conv_in, conv_out``), bias ``[C_out]``.
+  Kyutai/PyTorch stores ``[C_out, C_in // groups, K]``: ours is ``w.transpose(2, 1, 0)``.
+* :class:`ConvTranspose1d` weight ``[K, C_in, C_out // groups]`` (``conv_k, conv_in, conv_out``),
+  bias ``[C_out]``. PyTorch stores ``[C_in, C_out // groups, K]``: ours is ``w.transpose(2, 0, 1)``.
+
+Causality (what the reference does, batch and streaming alike):
+
+* Conv1d pads ``(K - 1) * dilation + 1 - stride`` samples on the left, zeros (``constant``) or
+  copies of the first sample (``replicate``), never on the right; ``T`` must be a multiple of the
+  stride and the output has ``T // stride`` steps.
+* ConvTranspose1d computes the full transposed convolution and trims ``K - stride`` samples on the
+  right: ``T * stride`` outputs. When streaming, the trimmed tail (without bias) is carried over
+  and added to the head of the next chunk's output.
+
+Both modules have a batch ``__call__(x)`` and a pure streaming API with an explicit state pytree:
+``state = m.init_state(batch)``, ``y, state = m.step(x, state)``. Feeding a signal chunk by chunk
+(each chunk a multiple of the stride) gives exactly the batch output.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moshax.layers.params import param
+
+PAD_MODES = ("constant", "replicate")
+_DN = ("NWC", "WIO", "NWC")
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+class ConvState(NamedTuple):
+    """Streaming state of a :class:`Conv1d`: the last ``pad`` inputs ``[B, pad, C_in]`` and, per batch
+    item, whether no input was seen yet (``replicate`` padding fills ``previous`` with the first sample)."""
+
+    previous: jax.Array
+    first: jax.Array
+
+
+class ConvTrState(NamedTuple):
+    """Streaming state of a :class:`ConvTranspose1d`: the overlap tail ``[B, K - stride, C_out]`` (no bias)."""
+
+    partial: jax.Array
+
+
+class Conv1d(nnx.Module):
+    """Causal 1-d convolution, channels-last; see the module docstring."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, pad_mode: str = "constant",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode={pad_mode!r}: expected one of {PAD_MODES}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.groups = groups
+        self.pad_mode = pad_mode
+        self.dtype = dtype
+        self.padding = (kernel_size - 1) * dilation + 1 - stride
+        if self.padding < 0:
+            raise ValueError(f"effective kernel {(kernel_size - 1) * dilation + 1} smaller than stride {stride}")
+        bound = (in_channels // groups * kernel_size) ** -0.5
+        self.weight = param(rngs, _uniform(bound), (kernel_size, in_channels // groups, out_channels),
+                            ("conv_k", "conv_in", "conv_out"), param_dtype)
+        self.bias = param(rngs, _uniform(bound), (out_channels,), ("conv_out",), param_dtype) if bias else None
+
+    def _conv(self, x):
+        y = jax.lax.conv_general_dilated(
+            x, self.weight[...].astype(self.dtype), window_strides=(self.stride,), padding="VALID",
+            rhs_dilation=(self.dilation,), dimension_numbers=_DN, feature_group_count=self.groups)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+    def _check(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"Conv1d expects [B, T, {self.in_channels}], got {x.shape}")
+        if x.shape[1] % self.stride:
+            raise ValueError(f"Conv1d: length {x.shape[1]} is not a multiple of the stride {self.stride}")
+
+    def __call__(self, x):
+        """x [B, T, C_in] -> y [B, T // stride, C_out]."""
+        self._check(x)
+        x = x.astype(self.dtype)
+        p = self.padding
+        if p:
+            if self.pad_mode == "replicate":
+                pad = jnp.broadcast_to(x[:, :1], (x.shape[0], p, x.shape[2]))
+            else:
+                pad = jnp.zeros((x.shape[0], p, x.shape[2]), x.dtype)
+            x = jnp.concatenate([pad, x], axis=1)
+        return self._conv(x)
+
+    def init_state(self, batch: int) -> ConvState:
+        return ConvState(jnp.zeros((batch, self.padding, self.in_channels), self.dtype),
+                         jnp.ones((batch,), jnp.bool_))
+
+    def step(self, x, state: ConvState):
+        """One streaming chunk x [B, T, C_in] (T a multiple of the stride) -> (y [B, T // stride, C_out], state)."""
+        self._check(x)
+        x = x.astype(self.dtype)
+        p = self.padding
+        previous = state.previous.astype(self.dtype)
+        if p and self.pad_mode == "replicate":
+            previous = jnp.where(state.first[:, None, None], x[:, :1], previous)
+        full = jnp.concatenate([previous, x], axis=1) if p else x
+        y = self._conv(full)
+        new_previous = full[:, full.shape[1] - p:] if p else state.previous
+        return y, ConvState(new_previous.astype(state.previous.dtype), jnp.zeros_like(state.first))
+
+
+class ConvTranspose1d(nnx.Module):
+    """Causal 1-d transposed convolution, channels-last; see the module docstring."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 groups: int = 1, bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        if kernel_size < stride:
+            raise ValueError(f"ConvTranspose1d: kernel {kernel_size} smaller than stride {stride}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.groups = groups
+        self.dtype = dtype
+        self.trim = kernel_size - stride
+        bound = (out_channels // groups * kernel_size) ** -0.5  # PyTorch's fan-in for transposed convs
+        self.weight = param(rngs, _uniform(bound), (kernel_size, in_channels, out_channels // groups),
+                            ("conv_k", "conv_in", "conv_out"), param_dtype)
+        self.bias = param(rngs, _uniform(bound), (out_channels,), ("conv_out",), param_dtype) if bias else None
+
+    def _full(self, x):
+        """Full transposed convolution without bias: [B, T, C_in] -> [B, (T - 1) * stride + K, C_out]."""
+        if x.ndim != 3 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"ConvTranspose1d expects [B, T, {self.in_channels}], got {x.shape}")
+        k, g = self.kernel_size, self.groups
+        w = self.weight[...].astype(self.dtype)[::-1]  # [K, C_in, C_out/g], flipped in time
+        w = w.reshape(k, g, self.in_channels // g, self.out_channels // g).transpose(0, 2, 1, 3)
+        w = w.reshape(k, self.in_channels // g, self.out_channels)
+        return jax.lax.conv_general_dilated(
+            x.astype(self.dtype), w, window_strides=(1,), padding=[(k - 1, k - 1)],
+            lhs_dilation=(self.stride,), dimension_numbers=_DN, feature_group_count=g)
+
+    def _bias(self, y):
+        return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
+
+    def __call__(self, x):
+        """x [B, T, C_in] -> y [B, T * stride, C_out]."""
+        y = self._full(x)
+        return self._bias(y[:, : y.shape[1] - self.trim])
+
+    def init_state(self, batch: int) -> ConvTrState:
+        return ConvTrState(jnp.zeros((batch, self.trim, self.out_channels), self.dtype))
+
+    def step(self, x, state: ConvTrState):
+        """One streaming chunk x [B, T, C_in] -> (y [B, T * stride, C_out], state)."""
+        y = self._full(x)
+        pt = self.trim
+        if not pt:
+            return self._bias(y), state
+        y = y.at[:, :pt].add(state.partial.astype(y.dtype))
+        n = y.shape[1] - pt
+        return self._bias(y[:, :n]), ConvTrState(y[:, n:].astype(state.partial.dtype))

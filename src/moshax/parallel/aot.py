@@ -1,0 +1,177 @@
+"""Ahead-of-time compile checks for TPU topologies, from any machine (libtpu compiles for abstract
+TPU devices): per-chip memory, FLOPs, the sharding of the largest arrays, the collectives used.
+
+Nothing is allocated: params, optimizer state and batches are ``ShapeDtypeStruct``s with the
+shardings the rules table gives on the target mesh.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moshax.config import Config, ConfigError
+
+GiB = 1024**3
+
+# HBM per chip (bytes), by device_kind prefix / topology prefix.
+HBM_BYTES = (
+    ("v6", 32 * GiB),
+    ("v5p", 95 * GiB),
+    ("v5e", 16 * GiB),
+    ("v5 lite", 16 * GiB),
+    ("v5litepod", 16 * GiB),
+    ("v5", 95 * GiB),
+    ("v4", 32 * GiB),
+    ("v3", 16 * GiB),
+)
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+class DoesNotFit(ConfigError):
+    """The step compiled (or failed to) with more memory per chip than the chip has."""
+
+
+def _quiet_libtpu_env() -> None:
+    """libtpu probes GCE metadata on start; these stop it on a machine that is not a TPU VM."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+def hbm_per_chip(topology: str) -> int | None:
+    name = topology.lower()
+    for prefix, size in HBM_BYTES:
+        if name.startswith(prefix):
+            return size
+    return None
+
+
+def topology_devices(topology: str):
+    _quiet_libtpu_env()
+    try:
+        from jax.experimental import topologies
+
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or unknown topology name
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "libtpu" in msg.lower() or "tpu" in msg.lower() and "not found" in msg.lower():
+            raise ConfigError(f"cannot compile for TPU here: {msg} (install the extra: pip install -e '.[tpu]')") from None
+        raise ConfigError(f"topology {topology!r}: {msg} (names look like v5p:2x2x2, v5e:4x4, v6e:2x2)") from None
+    return list(topo.devices)
+
+
+@dataclass
+class CompileReport:
+    name: str
+    topology: str
+    num_devices: int
+    mesh: dict
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    hbm_bytes: int | None
+    flops: float | None
+    compile_seconds: float
+    collectives: dict
+    largest: list = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
+
+    def format(self) -> str:
+        hbm = f"{self.hbm_bytes / GiB:.1f} GiB" if self.hbm_bytes else "unknown"
+        lines = [
+            f"== {self.name} on {self.topology} ({self.num_devices} chips), mesh "
+            + " ".join(f"{k}={v}" for k, v in self.mesh.items()),
+            f"compiled in {self.compile_seconds:.1f}s",
+            "per-chip memory:",
+            f"  arguments   {self.argument_bytes / GiB:9.2f} GiB",
+            f"  outputs     {self.output_bytes / GiB:9.2f} GiB (aliased with arguments: {self.alias_bytes / GiB:.2f} GiB)",
+            f"  temporaries {self.temp_bytes / GiB:9.2f} GiB",
+            f"  total       {self.total_bytes / GiB:9.2f} GiB of {hbm} HBM -> {'fits' if self.fits else 'DOES NOT FIT'}",
+        ]
+        if self.flops is not None:
+            lines.append(f"FLOPs per step per chip: {self.flops:.3e}")
+        lines.append("collectives: " + (", ".join(f"{k} x{v}" for k, v in self.collectives.items() if v) or "none"))
+        if self.largest:
+            lines.append("largest arrays (global shape, sharding, bytes per chip):")
+            for path, shape, spec, per_chip in self.largest:
+                lines.append(f"  {path:<48} {str(shape):<22} {spec:<36} {per_chip / 2**20:10.1f} MiB")
+        return "\n".join(lines)
+
+
+def count_collectives(hlo_text: str) -> dict:
+    counts = {}
+    for op in COLLECTIVES:
+        counts[op] = len(re.findall(rf"\b{op}(?:-start)?\(", hlo_text))
+    return counts
+
+
+def _largest_arrays(tree, limit: int = 8) -> list:
+    rows = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not hasattr(leaf, "sharding") or leaf.sharding is None:
+            continue
+        shard_shape = leaf.sharding.shard_shape(leaf.shape)
+        per_chip = int(np.prod(shard_shape)) * jnp.dtype(leaf.dtype).itemsize
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        rows.append((name, tuple(leaf.shape), str(leaf.sharding.spec), per_chip))
+    rows.sort(key=lambda r: -r[3])
+    return rows[:limit]
+
+
+def _memory(compiled) -> tuple[int, int, int, int]:
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0, 0, 0, 0
+    return (int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+            int(m.alias_size_in_bytes))
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def compile_train_step(cfg: Config, task, topology: str) -> CompileReport:
+    """Compile ``task``'s real train step for ``topology`` and report on it."""
+    from moshax.parallel.mesh import build_mesh
+    from moshax.training.trainer import Trainer
+
+    devices = topology_devices(topology)
+    mesh = build_mesh(cfg.mesh, devices)
+    trainer = Trainer(cfg, task, mesh=mesh, workdir="/nonexistent")
+    t0 = time.perf_counter()
+    try:
+        compiled = trainer.compile_train_step(trainer.abstract_batch())
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg.lower():
+            line = next((x for x in msg.splitlines() if "RESOURCE_EXHAUSTED" in x or "exceeds" in x), msg.splitlines()[0])
+            raise DoesNotFit(f"{cfg.name} train step does not fit on {topology} with mesh "
+                             f"{dict(mesh.shape)}: {line.strip()[:300]}") from None
+        raise
+    args, out, temp, alias = _memory(compiled)
+    return CompileReport(
+        name=f"{cfg.name} train step", topology=topology, num_devices=len(devices), mesh=dict(mesh.shape),
+        argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias, hbm_bytes=hbm_per_chip(topology),
+        flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
+        collectives=count_collectives(compiled.as_text()), largest=_largest_arrays(trainer.abstract_state))

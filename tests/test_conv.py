@@ -1,0 +1,166 @@
+"""Streaming causal Conv1d / ConvTranspose1d: against a numpy reference, Kyutai's modules, and
+streaming == batch for every variant (stride, dilation, groups, replicate padding, bias)."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moshax.layers.conv import Conv1d, ConvTranspose1d
+
+# (C_in, C_out, K, stride, dilation, groups, bias, pad_mode)
+CONV_CASES = [
+    (3, 5, 1, 1, 1, 1, True, "constant"),
+    (3, 5, 7, 1, 1, 1, True, "constant"),
+    (4, 6, 3, 1, 2, 1, True, "constant"),
+    (4, 6, 8, 4, 1, 1, True, "constant"),
+    (6, 6, 4, 2, 1, 2, False, "replicate"),
+    (4, 4, 4, 2, 1, 4, False, "replicate"),
+    (4, 8, 6, 3, 1, 1, False, "replicate"),
+    (4, 4, 3, 2, 2, 2, True, "constant"),
+    (2, 4, 2, 2, 1, 1, True, "constant"),  # kernel == stride: no streaming state
+]
+# (C_in, C_out, K, stride, groups, bias)
+CONVTR_CASES = [
+    (5, 3, 1, 1, 1, True),
+    (5, 3, 4, 1, 1, True),
+    (6, 4, 8, 4, 1, True),
+    (6, 6, 4, 2, 6, False),
+    (4, 6, 10, 5, 2, True),
+    (4, 2, 3, 3, 1, True),  # kernel == stride: no overlap
+]
+
+
+def _np_conv(x, w, b, stride, dilation, groups, pad_mode):
+    """Naive causal conv: x [B, T, Ci], w [K, Ci/g, Co] -> [B, T/stride, Co]."""
+    bsz, t, ci = x.shape
+    k, cig, co = w.shape
+    pad = (k - 1) * dilation + 1 - stride
+    fill = np.repeat(x[:, :1], pad, axis=1) if pad_mode == "replicate" else np.zeros((bsz, pad, ci))
+    xp = np.concatenate([fill, x], axis=1)
+    cog = co // groups
+    out = np.zeros((bsz, t // stride, co))
+    for n in range(t // stride):
+        for o in range(co):
+            g = o // cog
+            for kk in range(k):
+                out[:, n, o] += xp[:, n * stride + kk * dilation, g * cig:(g + 1) * cig] @ w[kk, :, o]
+    return out + (b if b is not None else 0)
+
+
+def _np_convtr(x, w, b, stride, groups):
+    """Naive causal transposed conv: x [B, T, Ci], w [K, Ci, Co/g] -> [B, T*stride, Co]."""
+    bsz, t, ci = x.shape
+    k, _, cog = w.shape
+    cig = ci // groups
+    out = np.zeros((bsz, (t - 1) * stride + k, cog * groups))
+    for n in range(t):
+        for i in range(ci):
+            g = i // cig
+            for kk in range(k):
+                out[:, n * stride + kk, g * cog:(g + 1) * cog] += x[:, n, i:i + 1] * w[kk, i][None]
+    out = out[:, : t * stride]
+    return out + (b if b is not None else 0)
+
+
+def _stream(module, x, chunk):
+    state = module.init_state(x.shape[0])
+    step = nnx.jit(lambda m, xc, s: m.step(xc, s))
+    ys = []
+    for i in range(0, x.shape[1], chunk):
+        y, state = step(module, x[:, i:i + chunk], state)
+        ys.append(y)
+    return jnp.concatenate(ys, axis=1)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv1d_matches_numpy_and_streams(case):
+    ci, co, k, s, d, g, bias, pad_mode = case
+    conv = Conv1d(ci, co, k, stride=s, dilation=d, groups=g, bias=bias, pad_mode=pad_mode, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).standard_normal((2, 12 * s, ci)).astype(np.float32)
+    y = np.asarray(conv(jnp.asarray(x)))
+    ref = _np_conv(x.astype(np.float64), np.asarray(conv.weight[...], np.float64),
+                   None if conv.bias is None else np.asarray(conv.bias[...], np.float64), s, d, g, pad_mode)
+    assert y.shape == (2, 12, co)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    for chunk_steps in (1, 3, 4):
+        ys = np.asarray(_stream(conv, jnp.asarray(x), chunk_steps * s))
+        np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CONVTR_CASES)
+def test_convtr1d_matches_numpy_and_streams(case):
+    ci, co, k, s, g, bias = case
+    convtr = ConvTranspose1d(ci, co, k, stride=s, groups=g, bias=bias, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(2).standard_normal((2, 10, ci)).astype(np.float32)
+    y = np.asarray(convtr(jnp.asarray(x)))
+    ref = _np_convtr(x.astype(np.float64), np.asarray(convtr.weight[...], np.float64),
+                     None if convtr.bias is None else np.asarray(convtr.bias[...], np.float64), s, g)
+    assert y.shape == (2, 10 * s, co)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    for chunk in (1, 2, 5):
+        ys = np.asarray(_stream(convtr, jnp.asarray(x), chunk))
+        np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-6)
+
+
+def test_replicate_state_is_per_batch_item():
+    """A fresh state replicates each item's own first sample, even when chunks are single strides."""
+    conv = Conv1d(2, 3, 4, stride=2, bias=False, pad_mode="replicate", rngs=nnx.Rngs(3))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 8, 2)).astype(np.float32) + 5.0)
+    np.testing.assert_allclose(np.asarray(_stream(conv, x, 2)), np.asarray(conv(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs_raise():
+    conv = Conv1d(2, 3, 4, stride=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="multiple of the stride"):
+        conv(jnp.zeros((1, 5, 2)))
+    with pytest.raises(ValueError, match="expects"):
+        conv(jnp.zeros((1, 4, 3)))
+    with pytest.raises(ValueError, match="pad_mode"):
+        Conv1d(2, 3, 4, pad_mode="reflect", rngs=nnx.Rngs(0))
+
+
+def test_param_axes():
+    conv = Conv1d(4, 6, 3, groups=2, rngs=nnx.Rngs(0))
+    convtr = ConvTranspose1d(4, 6, 4, stride=2, groups=2, rngs=nnx.Rngs(0))
+    assert conv.weight.shape == (3, 2, 6) and conv.weight.get_metadata()["axes"] == ("conv_k", "conv_in", "conv_out")
+    assert convtr.weight.shape == (4, 4, 3) and convtr.bias.get_metadata()["axes"] == ("conv_out",)
+
+
+def test_against_kyutai_streaming_convs():
+    """Batch and streaming outputs equal moshi's StreamingConv1d / StreamingConvTranspose1d."""
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("moshi")
+    from moshi.modules.conv import StreamingConv1d, StreamingConvTranspose1d
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(4)
+    for ci, co, k, s, d, g, bias, pad_mode in CONV_CASES:
+        ref = StreamingConv1d(ci, co, k, s, dilation=d, groups=g, bias=bias, causal=True, pad_mode=pad_mode)
+        conv = Conv1d(ci, co, k, stride=s, dilation=d, groups=g, bias=bias, pad_mode=pad_mode, rngs=nnx.Rngs(0))
+        conv.weight[...] = jnp.asarray(ref.conv.conv.weight.detach().numpy().transpose(2, 1, 0))
+        if bias:
+            conv.bias[...] = jnp.asarray(ref.conv.conv.bias.detach().numpy())
+        x = rng.standard_normal((2, ci, 8 * s)).astype(np.float32)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x)).numpy().transpose(0, 2, 1)
+            with ref.streaming(2):
+                want_s = torch.cat([ref(torch.from_numpy(x[..., i:i + s])) for i in range(0, 8 * s, s)], -1)
+        got = np.asarray(conv(jnp.asarray(x.transpose(0, 2, 1))))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(_stream(conv, jnp.asarray(x.transpose(0, 2, 1)), s)),
+                                   want_s.numpy().transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+    for ci, co, k, s, g, bias in CONVTR_CASES:
+        ref = StreamingConvTranspose1d(ci, co, k, s, groups=g, bias=bias, causal=True)
+        convtr = ConvTranspose1d(ci, co, k, stride=s, groups=g, bias=bias, rngs=nnx.Rngs(0))
+        convtr.weight[...] = jnp.asarray(ref.convtr.convtr.weight.detach().numpy().transpose(2, 0, 1))
+        if bias:
+            convtr.bias[...] = jnp.asarray(ref.convtr.convtr.bias.detach().numpy())
+        x = rng.standard_normal((2, ci, 7)).astype(np.float32)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x)).numpy().transpose(0, 2, 1)
+        got = np.asarray(convtr(jnp.asarray(x.transpose(0, 2, 1))))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
