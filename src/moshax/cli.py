@@ -14,9 +14,14 @@ exit code 2; no stack trace.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
+
+
+# Modules exposing ``add_parser(subparsers)``; each sets ``fn`` on its parsers.
+COMMAND_MODULES = ("moshax.commands.convert", "moshax.commands.mimi", "moshax.commands.evaluate")
 
 
 class UserError(Exception):
@@ -105,12 +110,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def make_task(cfg):
-    kind = cfg.model.kind
-    if kind == "helium":
-        from moshax.training.lm_task import LMTask
+    from moshax.training.tasks import make_task as _make
 
-        return LMTask(cfg)
-    raise UserError(f"model.kind={kind!r} cannot be trained yet")
+    return _make(cfg)
 
 
 # ----------------------------------------------------------------------------- tokenizer / data
@@ -183,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = launch.add_parser("gke", help="print a JobSet manifest (or an xpk command) for GKE")
     gke.add_arguments(p)
     p.set_defaults(fn=gke.run)
+
+    for module in COMMAND_MODULES:  # commands that live next to their feature
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.add_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="sentencepiece tokenizers").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a sentencepiece model from .txt/.jsonl files")

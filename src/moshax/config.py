@@ -127,8 +127,20 @@ class TextDataConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """Params whose '/'-joined path matches ``pattern`` (a regex, searched) get their own AdamW."""
+
+    pattern: str = ""
+    learning_rate: float = 3e-4
+    weight_decay: float | None = None  # None: optim.weight_decay
+    b1: float | None = None
+    b2: float | None = None
+
+
+@dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay, global-norm clipping."""
+    """AdamW with linear warmup and cosine decay, global-norm clipping; optional per-module groups
+    (e.g. Moshi's temporal 3e-5 vs depth 2e-4), first matching pattern wins."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 100
@@ -139,6 +151,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float | None = 1.0
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -1,22 +1,26 @@
-"""AdamW with linear warmup + cosine decay and global-norm clipping (optax)."""
+"""AdamW with linear warmup + cosine decay and global-norm clipping (optax); per-module learning
+rates through ``optax.multi_transform`` when ``optim.param_groups`` is set."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import optax
 
-from moshax.config import OptimConfig
+from moshax.config import ConfigError, OptimConfig
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def make_schedule(cfg: OptimConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
+    peak = cfg.learning_rate if peak is None else peak
     decay_steps = cfg.decay_steps or total_steps
     warmup = min(cfg.warmup_steps, max(decay_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else cfg.learning_rate,
-        peak_value=cfg.learning_rate,
+        init_value=0.0 if warmup else peak,
+        peak_value=peak,
         warmup_steps=warmup,
         decay_steps=max(decay_steps, warmup + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+        end_value=peak * cfg.min_lr_ratio,
     )
 
 
@@ -25,11 +29,49 @@ def decay_mask(axes: dict) -> dict:
     return jax.tree.map(lambda a: "norm" not in a, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def param_labels(axes: dict, cfg: OptimConfig) -> dict:
+    """Group name per param ('group{i}' for the first matching pattern, else 'default')."""
+    patterns = []
+    for i, g in enumerate(cfg.param_groups):
+        try:
+            patterns.append((f"group{i}", re.compile(g.pattern)))
+        except re.error as e:
+            raise ConfigError(f"optim.param_groups[{i}].pattern={g.pattern!r}: bad regex ({e})") from None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
+    labels = []
+    for path, _ in flat:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        labels.append(next((label for label, rx in patterns if rx.search(name)), "default"))
+    used = set(labels)
+    for i, g in enumerate(cfg.param_groups):
+        if f"group{i}" not in used:
+            raise ConfigError(f"optim.param_groups[{i}].pattern={g.pattern!r} matches no parameter")
+    return jax.tree_util.tree_unflatten(treedef, labels)
+
+
+def _adamw(cfg: OptimConfig, schedule, mask, *, weight_decay=None, b1=None, b2=None):
+    return optax.adamw(schedule, b1=cfg.b1 if b1 is None else b1, b2=cfg.b2 if b2 is None else b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay if weight_decay is None else weight_decay, mask=mask)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, axes: dict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Returns (transformation, the base schedule reported as ``learning_rate``)."""
     schedule = make_schedule(cfg, total_steps)
+    mask = decay_mask(axes)
     parts = []
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask(axes)))
+    if not cfg.param_groups:
+        parts.append(_adamw(cfg, schedule, mask))
+    else:
+        labels = param_labels(axes, cfg)
+
+        def group_mask(name):  # multi_transform hands each group a tree with MaskedNode elsewhere
+            return jax.tree.map(lambda m, label: m if label == name else optax.MaskedNode(), mask, labels)
+
+        transforms = {"default": _adamw(cfg, schedule, group_mask("default"))}
+        for i, g in enumerate(cfg.param_groups):
+            transforms[f"group{i}"] = _adamw(cfg, make_schedule(cfg, total_steps, g.learning_rate),
+                                             group_mask(f"group{i}"), weight_decay=g.weight_decay, b1=g.b1, b2=g.b2)
+        parts.append(optax.multi_transform(transforms, labels))
     return optax.chain(*parts), schedule

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipeline.errors import DataError
@@ -61,9 +62,7 @@ class Trainer:
         rep = replicated(self.mesh)
         abstract_params = self.handle.shapes()
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-            transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+        opt_shardings = optimizer_state_shardings(abstract_opt, abstract_params, self.param_shardings, rep)
         abstract_rest = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                      _pure(self.handle.abstract_rest))
         self.state_shardings = {
@@ -90,6 +89,8 @@ class Trainer:
 
     def init_state(self) -> dict:
         params, rest = self.handle.init(self.task.build_model, self.cfg.seed, self.mesh)
+        if hasattr(self.task, "init_params"):  # e.g. warm start from another model's checkpoint
+            params, rest = self.task.init_params(params, rest, self)
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         rep = replicated(self.mesh)
@@ -136,13 +137,17 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _loss_and_grad(self, params, rest, micro_batch, key):
+        """Gradient of the task's loss sum; non-Param variables the loss updates in place (EMA
+        codebooks, batch statistics) come back as the new ``rest``."""
+
         def f(p):
             model = self.handle.merge(p, rest)
             loss_sum, weight, aux = self.task.loss(model, micro_batch, key)
-            return loss_sum, (weight, aux)
+            new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+            return loss_sum, (weight, aux, new_rest)
 
-        (loss_sum, (weight, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss_sum, weight, aux, grads
+        (loss_sum, (weight, aux, new_rest)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return (loss_sum, weight, aux, grads), new_rest
 
     def _train_step_fn(self, state: dict, batch: dict):
         rng, step_key = jax.random.split(state["rng"])
@@ -150,16 +155,19 @@ class Trainer:
         accum = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(step_key, accum)
         if accum == 1:
-            loss_sum, weight, aux, grads = self._loss_and_grad(params, rest, jax.tree.map(lambda x: x[0], batch), keys[0])
+            sums, rest = self._loss_and_grad(params, rest, jax.tree.map(lambda x: x[0], batch), keys[0])
         else:
             def body(carry, xs):
+                acc, cur_rest = carry
                 mb, key = xs
-                out = self._loss_and_grad(params, rest, mb, key)
-                return jax.tree.map(jnp.add, carry, out), None
+                out, cur_rest = self._loss_and_grad(params, cur_rest, mb, key)
+                return (jax.tree.map(jnp.add, acc, out), cur_rest), None
 
-            zero = jax.eval_shape(lambda: self._loss_and_grad(params, rest, jax.tree.map(lambda x: x[0], batch), keys[0]))
+            first = jax.tree.map(lambda x: x[0], batch)
+            zero = jax.eval_shape(lambda: self._loss_and_grad(params, rest, first, keys[0])[0])
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-            (loss_sum, weight, aux, grads), _ = jax.lax.scan(body, zero, (batch, keys))
+            (sums, rest), _ = jax.lax.scan(body, (zero, rest), (batch, keys))
+        loss_sum, weight, aux, grads = sums
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
@@ -340,6 +348,28 @@ class Trainer:
             "eval_seconds": self.times.eval_seconds,
             "peak_flops_per_device": peak,
         }
+
+
+def optimizer_state_shardings(abstract_opt, abstract_params, param_shardings, default):
+    """Each optimizer-state leaf whose trailing dict-key path names a param of the same shape (Adam
+    moments, also inside multi_transform groups) takes that param's sharding; the rest (counts,
+    masked placeholders) get ``default``."""
+    by_path = {}
+    for path, (shape, sharding) in jax.tree_util.tree_flatten_with_path(
+            jax.tree.map(lambda a, s: (a.shape, s), abstract_params, param_shardings),
+            is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], NamedSharding))[0]:
+        by_path[tuple(k.key for k in path)] = (shape, sharding)
+
+    def pick(path, leaf):
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.append(k.key)
+        match = by_path.get(tuple(reversed(keys)))
+        return match[1] if match is not None and match[0] == leaf.shape else default
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 def _abstract(tree):

@@ -1,0 +1,1 @@
+"""CLI subcommands that live next to their feature (registered by moshax.cli)."""
