@@ -38,12 +38,16 @@ def test_train_lowers_loss_and_writes_run_dir(corpus, tmp_path):
     work = tmp_path / "run"
     r = moshax("train", "--config", "configs/helium_tiny.yaml", "--workdir", work, *_data_overrides(corpus),
                "train.steps=60", "train.eval_every=30", "train.log_every=10", "checkpoint.every=30",
-               "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.transformer.num_layers=2")
+               "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.transformer.num_layers=2", "--profile", "3:4")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert list((work / "profile").rglob("*.xplane.pb")), "no profiler trace written"
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in records if "loss" in x]
-    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "step_time",
+                "tokens_per_second_per_device", "goodput", "goodput_total", "compile_seconds", "checkpoint_seconds"):
         assert key in train[0]
+    assert 0 < train[-1]["goodput"] <= 1 and train[-1]["compile_seconds"] > 0
+    assert train[0]["tokens_per_second_per_device"] == pytest.approx(train[0]["tokens_per_second"] / 8)
     assert train[0]["mfu"] is None  # no honest peak FLOPs for a CPU
     assert train[-1]["loss"] < 0.6 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])
     evals = [x for x in records if "eval_loss" in x]

@@ -46,6 +46,8 @@ def test_resume_is_bitwise_exact(devices, corpus, tmp_path):
     assert first["end_step"] == 3
     second = _trainer(cfg, tmp_path / "split").run()
     assert second["resumed_from"] == 3 and second["end_step"] == 6
+    last = second["history"][-1 if "goodput" in second["history"][-1] else -2]
+    assert 0 < last["goodput_total"] <= 1  # accumulated over both invocations via the checkpoint
     assert _losses(first) + _losses(second) == _losses(full)  # bitwise: same floats
     for a, b in zip(jax.tree.leaves(jax.device_get(full_state := _final_params(tmp_path / "full", cfg))),
                     jax.tree.leaves(jax.device_get(_final_params(tmp_path / "split", cfg)))):

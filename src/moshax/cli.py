@@ -63,7 +63,14 @@ def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from moshax.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.profile:
+        try:
+            first, last = (int(x) for x in args.profile.split(":"))
+        except ValueError:
+            raise UserError(f"--profile {args.profile!r}: expected FIRST:LAST steps, e.g. 10:12") from None
+        overrides.append(f"train.profile_steps=[{first}, {last}]")
+    cfg = load_config(args.config, overrides)
     _init_distributed(args)
     if args.workdir:
         cfg.workdir = args.workdir
@@ -164,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="run directory (default: the config's workdir)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps in this invocation (the run resumes later)")
+    p.add_argument("--profile", metavar="FIRST:LAST",
+                   help="write a JAX profiler trace of these steps to WORKDIR/profile (TensorBoard/XProf)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 mesh.fsdp=2")
     _add_distributed_flags(p)
     p.set_defaults(fn=cmd_train)

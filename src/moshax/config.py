@@ -163,6 +163,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end (when eval data is configured)
     eval_batches: int = 4
     progress: bool = True
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: JAX profiler trace -> workdir/profile
 
 
 @dataclass

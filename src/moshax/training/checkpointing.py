@@ -79,15 +79,15 @@ class Checkpointer:
             data_iterator.set_state(out["data_elastic"])
         return out["state"], meta
 
-    def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any] | None:
+    def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any, dict] | None:
         """Restore the newest checkpoint that reads back whole; an unreadable one (e.g. cut off
         mid-write on a filesystem without atomic renames) is skipped with a warning. Orbax never
-        lists a checkpoint whose write did not finalize. Returns (step, state) or None."""
+        lists a checkpoint whose write did not finalize. Returns (step, state, meta) or None."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                state, _ = self.restore(step, abstract_state, data_iterator)
-                return step, state
+                state, meta = self.restore(step, abstract_state, data_iterator)
+                return step, state, meta
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "not usable"

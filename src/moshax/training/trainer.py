@@ -240,6 +240,7 @@ class Trainer:
     def run(self, max_steps: int | None = None) -> dict:
         """Train until ``train.steps`` (or ``max_steps`` more steps in this call), resuming from the
         latest checkpoint in ``workdir``. Returns a summary dict."""
+        run_start = time.perf_counter()
         cfg, tc = self.cfg, self.cfg.train
         main = self.process_index == 0
         if main:
@@ -253,8 +254,10 @@ class Trainer:
         t0 = time.perf_counter()
         restored = ckpt.restore_latest(self.abstract_state, train_iter)
         self.times.checkpoint_seconds += time.perf_counter() - t0
+        previous = {"productive_seconds": 0.0, "wall_seconds": 0.0}
         if restored is not None:
-            start, state = restored
+            start, state, meta = restored
+            previous.update(meta.get("goodput", {}))
             resumed_from = start
         else:
             state, start, resumed_from = self.init_state(), 0, None
@@ -270,6 +273,9 @@ class Trainer:
             pbar = tqdm(total=tc.steps, initial=start, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
         last_metrics: dict = {}
         window_start, window_steps = None, 0
+        productive = 0.0  # seconds spent in train steps (goodput numerator)
+        profile = list(tc.profile_steps)
+        profiling = False
         step = start
         preempted = False
         watcher = PreemptionWatcher()
@@ -284,20 +290,35 @@ class Trainer:
                     self._train_step = self.compile_train_step(_abstract(batch))
                 if window_start is None:
                     window_start = time.perf_counter()
+                if profile and step == profile[0] and main:
+                    jax.profiler.start_trace(str(self.workdir / "profile"))
+                    profiling = True
                 state, metrics = self._train_step(state, batch)
                 step += 1
                 window_steps += 1
                 if pbar is not None:
                     pbar.update(1)
                 is_last = step == end
+                if profiling and step > profile[-1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                    profiling = False
                 if step % tc.log_every == 0 or is_last:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - window_start
+                    productive += elapsed
                     examples_per_s = window_steps * tc.batch_size / elapsed
                     metrics["tokens_per_second"] = examples_per_s * self.task.tokens_per_example()
                     metrics["step_time"] = elapsed / window_steps
                     achieved = examples_per_s * flops_per_example / jax.device_count()
+                    metrics["tokens_per_second_per_device"] = metrics["tokens_per_second"] / jax.device_count()
                     metrics["mfu"] = achieved / peak if peak else None
+                    wall = time.perf_counter() - run_start
+                    metrics["goodput"] = productive / wall
+                    metrics["goodput_total"] = ((previous["productive_seconds"] + productive)
+                                                / (previous["wall_seconds"] + wall))
+                    metrics["compile_seconds"] = self.times.compile_seconds
+                    metrics["checkpoint_seconds"] = self.times.checkpoint_seconds
                     writer.write(step, metrics)
                     last_metrics = metrics
                     if pbar is not None:
@@ -314,7 +335,10 @@ class Trainer:
                     preempted = True
                 if step % cfg.checkpoint.every == 0 or is_last or preempted:
                     t0 = time.perf_counter()
-                    ckpt.save(step, state, train_iter, {"config": to_dict(cfg), "step": step})
+                    wall = time.perf_counter() - run_start
+                    goodput = {"productive_seconds": previous["productive_seconds"] + productive,
+                               "wall_seconds": previous["wall_seconds"] + wall}
+                    ckpt.save(step, state, train_iter, {"config": to_dict(cfg), "step": step, "goodput": goodput})
                     self.times.checkpoint_seconds += time.perf_counter() - t0
                     window_start, window_steps = time.perf_counter(), 0
                 if preempted:
@@ -327,6 +351,8 @@ class Trainer:
                     writer.write(step, ev)
                     last_metrics.update(ev)
         finally:
+            if profiling:
+                jax.profiler.stop_trace()
             watcher.close()
             if pbar is not None:
                 pbar.close()
