@@ -46,3 +46,13 @@ def test_too_big_for_the_topology_is_a_clear_failure(tmp_path):
 def test_unknown_topology_is_one_line():
     r = compile_cmd("--config", "configs/helium_tiny.yaml", "--topology", "v9z:1x1")
     assert r.returncode == 2 and r.stderr.strip().startswith("moshax: error: topology 'v9z:1x1'")
+
+
+def test_decode_step_compiles(tmp_path):
+    r = compile_cmd("--config", "configs/helium_tiny.yaml", "--topology", "v5e:2x2", "--step", "decode", "--batch", "4",
+                    "--json", tmp_path / "d.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["fits"] and "decode step (batch 4)" in report["name"]
+    names = [row[0] for row in report["largest"]]
+    assert any(n.startswith("cache/") for n in names) and any(n.startswith("params/") for n in names)

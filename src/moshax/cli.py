@@ -102,7 +102,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from moshax.parallel import aot
 
     cfg = load_config(args.config, args.overrides)
-    report = aot.compile_train_step(cfg, make_task(cfg), args.topology)
+    if args.step == "decode":
+        report = aot.compile_decode_step(cfg, make_task(cfg), args.topology, batch=args.batch)
+    else:
+        report = aot.compile_train_step(cfg, make_task(cfg), args.topology)
     print(report.format())
     if args.json:
         import dataclasses
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2, v6e:4x4, v4:2x2x2")
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--step", choices=["train", "decode"], default="train",
+                   help="train: the full train step; decode: one streaming inference step with a KV cache")
+    p.add_argument("--batch", type=int, default=1, help="sequences per decode step (--step decode)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_compile)
 

@@ -98,10 +98,10 @@ class CompileReport:
             + " ".join(f"{k}={v}" for k, v in self.mesh.items()),
             f"compiled in {self.compile_seconds:.1f}s",
             "per-chip memory:",
-            f"  arguments   {self.argument_bytes / GiB:9.2f} GiB",
-            f"  outputs     {self.output_bytes / GiB:9.2f} GiB (aliased with arguments: {self.alias_bytes / GiB:.2f} GiB)",
-            f"  temporaries {self.temp_bytes / GiB:9.2f} GiB",
-            f"  total       {self.total_bytes / GiB:9.2f} GiB of {hbm} HBM -> {'fits' if self.fits else 'DOES NOT FIT'}",
+            f"  arguments   {_size(self.argument_bytes)}",
+            f"  outputs     {_size(self.output_bytes)} (aliased with arguments: {_size(self.alias_bytes).strip()})",
+            f"  temporaries {_size(self.temp_bytes)}",
+            f"  total       {_size(self.total_bytes)} of {hbm} HBM -> {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
         if self.flops is not None:
             lines.append(f"FLOPs per step per chip: {self.flops:.3e}")
@@ -111,6 +111,10 @@ class CompileReport:
             for path, shape, spec, per_chip in self.largest:
                 lines.append(f"  {path:<48} {str(shape):<22} {spec:<36} {per_chip / 2**20:10.1f} MiB")
         return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:9.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:9.2f} MiB"
 
 
 def count_collectives(hlo_text: str) -> dict:
@@ -175,3 +179,46 @@ def compile_train_step(cfg: Config, task, topology: str) -> CompileReport:
         argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias, hbm_bytes=hbm_per_chip(topology),
         flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
         collectives=count_collectives(compiled.as_text()), largest=_largest_arrays(trainer.abstract_state))
+
+
+def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+    """Compile one streaming decode step (one new token per sequence against a full KV ring cache)
+    for ``topology``; params are held in the compute dtype, as a server would."""
+    from flax import nnx
+
+    from moshax.layers.attention import KVCache
+    from moshax.parallel.mesh import build_mesh
+    from moshax.parallel.partition import ModelHandle
+    from moshax.parallel.sharding import named_sharding
+
+    devices = topology_devices(topology)
+    mesh = build_mesh(cfg.mesh, devices)
+    handle = ModelHandle.from_constructor(task.build_model)
+    model_abs = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    if not hasattr(model_abs, "init_cache"):
+        raise ConfigError(f"model.kind={cfg.model.kind!r} has no decode step to compile")
+    dtype = jnp.dtype(cfg.model.dtype)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), handle.shapes(),
+                          handle.shardings(mesh))
+    cache_shape = jax.eval_shape(lambda: model_abs.init_cache(batch))
+    cache_axes = KVCache(("layers", "act_batch", None, "act_heads", None), ("layers", "act_batch", None, "act_heads", None),
+                         ("layers", "act_batch", None))
+    cache = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=named_sharding(mesh, a, s.shape)),
+                         cache_shape, cache_axes, is_leaf=lambda x: isinstance(x, tuple) and not isinstance(x, KVCache))
+    token_sharding = named_sharding(mesh, ("act_batch", None), (batch, 1))
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=token_sharding)
+
+    def step(params, tokens, positions, cache):
+        model = handle.merge(params)
+        logits, cache = model(tokens, positions, cache)
+        return logits[:, -1], cache
+
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step, donate_argnums=(3,)).lower(params, tokens, tokens, cache).compile()
+    args, out, temp, alias = _memory(compiled)
+    return CompileReport(
+        name=f"{cfg.name} decode step (batch {batch})", topology=topology, num_devices=len(devices),
+        mesh=dict(mesh.shape), argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias,
+        hbm_bytes=hbm_per_chip(topology), flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
+        collectives=count_collectives(compiled.as_text()), largest=_largest_arrays({"params": params, "cache": cache}))
