@@ -72,20 +72,27 @@ def logical_to_spec(axes: Sequence[str | None] | None, mesh_axis_names: Sequence
     return PartitionSpec(*spec)
 
 
+def _drop_indivisible(spec: PartitionSpec, mesh_shape, shape: Sequence[int]) -> PartitionSpec:
+    """Replicate the dimensions whose size the mesh axes assigned to them do not divide."""
+    out = list(spec)
+    for i, entry in enumerate(out):
+        if entry is None:
+            continue
+        names = (entry,) if isinstance(entry, str) else entry
+        size = 1
+        for n in names:
+            size *= mesh_shape[n]
+        if shape[i] % size:
+            out[i] = None
+    return PartitionSpec(*out)
+
+
 def named_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str | None] | None, shape: Sequence[int] | None = None) -> NamedSharding:
     """NamedSharding for logical ``axes``; axes whose dimension does not divide are replicated."""
-    spec = list(logical_to_spec(axes, mesh.axis_names))
+    spec = logical_to_spec(axes, mesh.axis_names)
     if shape is not None:
-        for i, entry in enumerate(spec):
-            if entry is None:
-                continue
-            names = (entry,) if isinstance(entry, str) else entry
-            size = 1
-            for n in names:
-                size *= mesh.shape[n]
-            if shape[i] % size:
-                spec[i] = None
-    return NamedSharding(mesh, PartitionSpec(*spec))
+        spec = _drop_indivisible(spec, mesh.shape, shape)
+    return NamedSharding(mesh, spec)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -93,14 +100,5 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    spec = list(logical_to_spec(axes, mesh.axis_names))
-    for i, entry in enumerate(spec):
-        if entry is None:
-            continue
-        names = (entry,) if isinstance(entry, str) else entry
-        size = 1
-        for n in names:
-            size *= mesh.shape[n]
-        if x.shape[i] % size:
-            spec[i] = None
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    spec = _drop_indivisible(logical_to_spec(axes, mesh.axis_names), mesh.shape, x.shape)
+    return jax.lax.with_sharding_constraint(x, spec)
