@@ -41,6 +41,31 @@ def _moshi_depformer() -> TransformerConfig:
 
 
 @dataclass
+class MoshiAugmentConfig:
+    """Training-time augmentations of Moshi's audio pretraining (paper, section 4.4), applied by the
+    training task from the step's rng (jit-friendly; eval and inference never apply them).
+
+    * ``text_delay_s``: each example's text stream is shifted against the audio by a random whole
+      number of frames, uniform in [-floor(text_delay_s * frame_rate), +floor(...)] (the paper: 0.6 s
+      = +-7 frames at 12.5 Hz); positive = text later. Frames shifted in from outside the example
+      are the zero token (-1: no input, no loss).
+    * ``text_mask_prob``: text positions replaced by the zero token (-1) with this probability
+      (paper: 30%); ``text_mask_mode`` "token" draws per position, "example" masks whole examples'
+      text streams (audio-only examples)."""
+
+    text_delay_s: float = 0.0
+    text_mask_prob: float = 0.0
+    text_mask_mode: str = "token"  # token | example
+
+    def validate(self, where: str) -> None:
+        if self.text_delay_s < 0:
+            raise ConfigError(f"{where}.text_delay_s={self.text_delay_s}: must be >= 0")
+        if not 0.0 <= self.text_mask_prob <= 1.0:
+            raise ConfigError(f"{where}.text_mask_prob={self.text_mask_prob}: must be in [0, 1]")
+        _choice(f"{where}.text_mask_mode", self.text_mask_mode, ("token", "example"))
+
+
+@dataclass
 class MoshiLMConfig:
     """Moshi RQ-Transformer. Defaults are moshiko's (Kyutai ``loaders._lm_kwargs``)."""
 
@@ -63,6 +88,13 @@ class MoshiLMConfig:
     text_padding_weight: float = 0.5
     semantic_weight: float = 100.0
     acoustic_weight: float = 1.0
+    frame_rate: float = 12.5  # time steps per second (Mimi frames)
+    # training only: augmentations and a warm start ("" = random init). init_from names a moshax
+    # checkpoint dir (a trainer workdir, its checkpoints/ dir, or a `moshax convert` output): a
+    # Helium checkpoint fills the text embedding, temporal transformer, out_norm and text head;
+    # a Moshi LM checkpoint fills every param.
+    augment: MoshiAugmentConfig = field(default_factory=MoshiAugmentConfig)
+    init_from: str = ""
 
     @property
     def num_codebooks(self) -> int:
@@ -113,6 +145,8 @@ class MoshiLMConfig:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)}: must be >= 0")
         _choice(f"{where}.dtype", self.dtype, DTYPES)
         _choice(f"{where}.param_dtype", self.param_dtype, DTYPES)
+        _positive(f"{where}.frame_rate", self.frame_rate)
+        self.augment.validate(f"{where}.augment")
         self.transformer.validate(f"{where}.transformer")
         self.depformer.validate(f"{where}.depformer")
         if not self.depformer.gated:
@@ -167,6 +201,16 @@ def _embed(table, ids):
     return jnp.where((ids == ZERO_TOKEN)[..., None], jnp.zeros((), y.dtype), y)
 
 
+def _embed_stacked(tables, ids):
+    """``tables`` [K, R, D], ``ids`` [B, K, T] -> [B, K, T, D]: row ``ids[:, k]`` of table k, as
+    :func:`_embed` per k, but one gather from the flattened tables (so the gradient is one scatter
+    into one buffer instead of K zero-filled table-sized buffers)."""
+    k, rows = tables.shape[0], tables.shape[1]
+    offs = (jnp.arange(k, dtype=jnp.int32) * rows)[None, :, None]
+    flat_ids = jnp.where(ids == ZERO_TOKEN, ZERO_TOKEN, jnp.maximum(ids, 0) + offs)
+    return _embed(tables.reshape(k * rows, tables.shape[-1]), flat_ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +252,9 @@ class MoshiLM(nnx.Module):
         cfg = self.cfg
         # Gather from replicated tables (see Helium: a vocab-sharded gather replicates activations).
         x = _embed(constrain(self.text_emb[...], (None, None)), sequence[:, 0]).astype(self.dtype)
-        emb = constrain(self.emb[...], (None, None, None))
-        for k in range(cfg.n_q):
-            x = x + _embed(emb[k], sequence[:, k + 1]).astype(self.dtype)
+        audio = _embed_stacked(constrain(self.emb[...], (None, None, None)), sequence[:, 1:])
+        for k in range(cfg.n_q):  # summed in stream order, as the reference
+            x = x + audio[:, k].astype(self.dtype)
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def forward_text(self, sequence, positions=None, cache: KVCache | None = None):
@@ -245,33 +289,36 @@ class MoshiLM(nnx.Module):
 
     def _depformer_inputs(self, transformer_out, tokens):
         """transformer_out [B, T, D], tokens [B, dep_q, T] (input token of each depth step: text,
-        then audio codebooks 0..dep_q-2) -> [B, T, dep_q, Dd] = depformer_in_s(out) + emb_s(token)."""
+        then audio codebooks 0..dep_q-2) -> [dep_q, B*T, Dd] (step major) = depformer_in_s(out) +
+        emb_s(token)."""
         cfg, dt = self.cfg, self.dtype
+        b, t, _ = transformer_out.shape
         idx = self._depformer_in_index()
         w = self.depformer_in[...]
-        h = transformer_out.astype(dt)
+        h = transformer_out.astype(dt).reshape(b * t, -1)
         if idx is None:
-            proj = jnp.einsum("btd,de->bte", h, w[0].astype(dt))[:, :, None]
+            proj = jnp.einsum("nd,de->ne", h, w[0].astype(dt))[None]
         else:
             w = w if isinstance(idx, slice) else jnp.take(w, idx, axis=0)
-            proj = jnp.einsum("btd,sde->btse", h, w.astype(dt))
+            proj = jnp.einsum("nd,sde->sne", h, w.astype(dt))
         text_tab = constrain(self.depformer_text_emb[...], (None, None))
-        audio_tab = constrain(self.depformer_emb[...], (None, None, None))
         embs = [_embed(text_tab, tokens[:, 0])]
-        embs += [_embed(audio_tab[s - 1], tokens[:, s]) for s in range(1, cfg.dep_q)]
-        return proj + jnp.stack(embs, axis=2).astype(dt)
+        if cfg.dep_q > 1:
+            audio = _embed_stacked(constrain(self.depformer_emb[...], (None, None, None)), tokens[:, 1:])
+            embs += [audio[:, s] for s in range(cfg.dep_q - 1)]
+        emb = jnp.stack(embs, axis=0).reshape(cfg.dep_q, b * t, -1)  # [S, B*T, Dd]
+        return proj + emb.astype(dt)
 
     def forward_depformer_training(self, sequence, transformer_out):
         """Teacher-forced depformer. sequence [B, K, T] (delayed steps 1..T), transformer_out
-        [B, T, D] -> audio logits [B, dep_q, T, card] float32."""
+        [B, T, D] -> audio logits [B, dep_q, T, card] float32. Runs depth-step major ([S, B*T, .])."""
         cfg = self.cfg
         b, _, t = sequence.shape
-        x = self._depformer_inputs(transformer_out, sequence[:, : cfg.dep_q])  # [B, T, S, Dd]
-        x = x.reshape(b * t, cfg.dep_q, -1)
-        x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        y, _ = self.depformer(x)
-        logits = jnp.einsum("nsd,sdv->nsv", y.astype(self.dtype), self.linears[...].astype(self.dtype))
-        logits = logits.reshape(b, t, cfg.dep_q, cfg.card).transpose(0, 2, 1, 3)
+        x = self._depformer_inputs(transformer_out, sequence[:, : cfg.dep_q])  # [S, B*T, Dd]
+        x = constrain(x, (None, "act_batch", "act_embed"))
+        y, _ = self.depformer(x, step_major=True)
+        logits = jnp.einsum("snd,sdv->snv", y.astype(self.dtype), self.linears[...].astype(self.dtype))
+        logits = logits.reshape(cfg.dep_q, b, t, cfg.card).transpose(1, 0, 2, 3)
         return logits.astype(jnp.float32)
 
     def init_depformer_cache(self, batch: int) -> KVCache:

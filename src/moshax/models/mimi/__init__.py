@@ -1,5 +1,7 @@
-"""Mimi neural audio codec (Kyutai): SEANet + transformers + split RVQ, batch and streaming."""
+"""Mimi neural audio codec (Kyutai): SEANet + transformers + split RVQ, batch and streaming;
+training configs (discriminator, distillation teacher)."""
 
-from moshax.models.mimi.config import MimiConfig, QuantizerConfig, SEANetConfig
+from moshax.models.mimi.config import (
+    DiscriminatorConfig, MimiConfig, MimiTrainConfig, QuantizerConfig, SEANetConfig, TeacherConfig)
 
-__all__ = ["MimiConfig", "QuantizerConfig", "SEANetConfig"]
+__all__ = ["DiscriminatorConfig", "MimiConfig", "MimiTrainConfig", "QuantizerConfig", "SEANetConfig", "TeacherConfig"]

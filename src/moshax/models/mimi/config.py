@@ -57,7 +57,9 @@ class QuantizerConfig:
     replaced_usage_ratio: float = 1.0
     check_unused_every: int = 5
     kmeans_iters: int = 50
-    q_dropout: bool = False  # training: random number of acoustic levels per step
+    # training: a random number of acoustic levels per step (not part of the model's identity:
+    # configs that differ only here compare equal)
+    q_dropout: bool = field(default=False, compare=False)
 
     def validate(self, where: str) -> None:
         for name in ("dimension", "bins", "n_q", "n_q_semantic", "num_codebooks", "check_unused_every"):
@@ -69,6 +71,133 @@ class QuantizerConfig:
                               f"{self.n_q_semantic} <= num_codebooks <= n_q={self.n_q}")
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"{where}.decay={self.decay}: expected 0 <= decay < 1")
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Multi-scale STFT discriminator (EnCodec's MS-STFTD); defaults are EnCodec's (5 scales, 32 filters)."""
+
+    filters: int = 32
+    max_filters: int = 1024
+    filters_scale: int = 1
+    n_ffts: list[int] = field(default_factory=lambda: [1024, 2048, 512, 256, 128])
+    hop_lengths: list[int] = field(default_factory=list)  # empty: n_fft // 4
+    win_lengths: list[int] = field(default_factory=list)  # empty: n_fft
+    kernel_size: list[int] = field(default_factory=lambda: [3, 9])  # (time, freq)
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4])
+    stride: list[int] = field(default_factory=lambda: [1, 2])  # (time, freq)
+    weight_norm: bool = True
+    negative_slope: float = 0.2
+
+    def scales(self) -> list[tuple[int, int, int]]:
+        hops = self.hop_lengths or [n // 4 for n in self.n_ffts]
+        wins = self.win_lengths or list(self.n_ffts)
+        return list(zip(self.n_ffts, hops, wins))
+
+    def min_samples(self) -> int:
+        return max(self.n_ffts) if self.n_ffts else 0
+
+    def validate(self, where: str) -> None:
+        for name in ("filters", "max_filters", "filters_scale"):
+            _positive(f"{where}.{name}", getattr(self, name))
+        if not self.n_ffts:
+            raise ConfigError(f"{where}.n_ffts is empty: give at least one STFT size")
+        for name in ("hop_lengths", "win_lengths"):
+            v = getattr(self, name)
+            if v and len(v) != len(self.n_ffts):
+                raise ConfigError(f"{where}.{name} has {len(v)} entries for {len(self.n_ffts)} n_ffts")
+        for n, hop, win in self.scales():
+            if n <= 0 or hop <= 0 or not 0 < win <= n:
+                raise ConfigError(f"{where}: STFT scale n_fft={n} hop={hop} win={win} is invalid")
+        if len(self.kernel_size) != 2 or len(self.stride) != 2 or min(self.kernel_size + self.stride) <= 0:
+            raise ConfigError(f"{where}: kernel_size and stride must be two positive ints (time, freq)")
+        if any(d <= 0 for d in self.dilations):
+            raise ConfigError(f"{where}.dilations={self.dilations}: must be positive")
+
+
+TEACHER_KINDS = ("none", "npy", "mel", "mimi", "python")
+
+
+@dataclass
+class TeacherConfig:
+    """Semantic-distillation teacher: frame features the ``rvq_first`` output learns to match
+    (cosine distance after a learnt linear projection).
+
+    * ``none``: no distillation.
+    * ``npy``: precomputed features next to each audio file (``clip.wav`` -> ``clip`` + ``suffix``),
+      ``[frames, dim]`` at ``frame_rate`` Hz (e.g. WavLM layer features at 50 Hz).
+    * ``mel``: log-mel frames at ``frame_rate`` Hz (``n_mels`` bands): a cheap built-in teacher for tests.
+    * ``mimi``: a frozen Mimi read from ``path`` (Orbax dir, trainer workdir or Kyutai
+      ``.safetensors``): its semantic (``rvq_first``) embedding at its frame rate.
+    * ``python``: ``path`` is ``package.module:factory``; ``factory(teacher_cfg, sample_rate)``
+      returns an object with ``dim``, ``frame_rate`` and ``__call__(audio [B, 1, T]) -> [B, frames, dim]``
+      (a JAX feature extractor loaded from its own checkpoint, for instance).
+
+    Online teachers (mel, mimi, python) run on each process's batch as it is loaded, outside the
+    train step; their features are pooled (mean) to the codec frame rate, which must divide
+    the teacher's.
+    """
+
+    kind: str = "none"
+    path: str = ""
+    suffix: str = ".npy"
+    frame_rate: float = 50.0  # npy and mel
+    dim: int = 0  # npy: expected feature size (0: from the files)
+    n_mels: int = 64  # mel
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.kind", self.kind, TEACHER_KINDS)
+        if self.kind in ("mimi", "python") and not self.path:
+            raise ConfigError(f"{where}.path is empty: teacher kind {self.kind!r} needs a "
+                              f"{'checkpoint' if self.kind == 'mimi' else 'module:factory'}")
+        if self.kind in ("npy", "mel"):
+            _positive(f"{where}.frame_rate", self.frame_rate)
+        if self.kind == "mel":
+            _positive(f"{where}.n_mels", self.n_mels)
+        if self.kind == "python" and ":" not in self.path:
+            raise ConfigError(f"{where}.path={self.path!r}: expected package.module:factory")
+
+
+@dataclass
+class MimiTrainConfig:
+    """Codec training: audio crops, losses, discriminator, distillation teacher.
+
+    The generator loss is ``adversarial_weight * hinge + feature_matching_weight * relative FM +
+    commitment_weight * VQ commitment + distill_weight * (1 - cos) [+ l1_weight * L1 + mel_weight *
+    multi-scale log-mel L1]``; the discriminator's hinge loss is added (one optimizer: give the
+    discriminator its own ``optim.param_groups`` entry, pattern ``^discriminator/``).
+    """
+
+    train_sources: list[str] = field(default_factory=list)  # audio dirs, globs, files, .jsonl manifests
+    eval_sources: list[str] = field(default_factory=list)
+    crop_seconds: float = 2.0  # rounded up to whole codec frames
+    num_workers: int = 0
+    num_threads: int = 2
+    adversarial_weight: float = 1.0
+    feature_matching_weight: float = 3.0
+    commitment_weight: float = 1.0
+    distill_weight: float = 1.0
+    l1_weight: float = 0.0  # reconstruction losses: off by default (the paper's best Mimi)
+    mel_weight: float = 0.0
+    balancer: bool = False  # audiocraft-style gradient balancing of the losses on the decoded audio
+    quantize_rate: float = 1.0  # probability (per example) of quantizing; the paper uses 0.5
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    init_from: str = ""  # warm start the codec from a Mimi checkpoint (Orbax dir, workdir, .safetensors)
+
+    def validate(self, where: str) -> None:
+        if not self.crop_seconds > 0:
+            raise ConfigError(f"{where}.crop_seconds={self.crop_seconds}: must be > 0")
+        for name in ("adversarial_weight", "feature_matching_weight", "commitment_weight", "distill_weight",
+                     "l1_weight", "mel_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)}: must be >= 0")
+        if not 0.0 <= self.quantize_rate <= 1.0:
+            raise ConfigError(f"{where}.quantize_rate={self.quantize_rate}: expected 0 <= rate <= 1")
+        if self.num_workers < 0 or self.num_threads < 1:
+            raise ConfigError(f"{where}: num_workers must be >= 0 and num_threads >= 1")
+        self.discriminator.validate(f"{where}.discriminator")
+        self.teacher.validate(f"{where}.teacher")
 
 
 def _mimi_transformer() -> TransformerConfig:
@@ -89,6 +218,9 @@ class MimiConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # used by `moshax train` only; not part of the model's identity (configs that differ only
+    # in their training section compare equal)
+    train: MimiTrainConfig = field(default_factory=MimiTrainConfig, compare=False)
 
     @property
     def encoder_frame_rate(self) -> float:
@@ -111,6 +243,7 @@ class MimiConfig:
         self.seanet.validate(f"{where}.seanet")
         self.transformer.validate(f"{where}.transformer")
         self.quantizer.validate(f"{where}.quantizer")
+        self.train.validate(f"{where}.train")
         if self.transformer.dim != self.seanet.dimension:
             raise ConfigError(f"{where}.transformer.dim={self.transformer.dim} must equal "
                               f"{where}.seanet.dimension={self.seanet.dimension}")

@@ -48,6 +48,15 @@ class MimiState(NamedTuple):
     decoder: Any
 
 
+class MimiTrainOutput(NamedTuple):
+    audio: jax.Array  # [B, C, T] decoded
+    codes: jax.Array  # [B, n_q, frames]
+    penalty: jax.Array  # commitment loss (scalar)
+    metrics: dict  # quantizer metrics (scalars)
+    semantic: jax.Array  # [B, frames, D] rvq_first's projected output (distillation target)
+    latent: jax.Array  # [B, frames, D] unquantized
+
+
 class Mimi(nnx.Module):
     def __init__(self, cfg: MimiConfig, *, rngs: nnx.Rngs):
         cfg.validate("model")
@@ -117,6 +126,30 @@ class Mimi(nnx.Module):
         """Codes [B, K, frames] -> audio [B, C, frames * frame_size]."""
         return self.decode_latent(self.quantizer.decode(codes))
 
+    # ---------------------------------------------------------------- training
+
+    def train_forward(self, audio, key, *, step=0, quantize_rate: float = 1.0,
+                      update_stats: bool = True) -> "MimiTrainOutput":
+        """Training forward of audio [B, C, T] (T a multiple of the frame size): encoder, split
+        RVQ in train mode (EMA codebook updates written in place when ``update_stats``; k-means
+        init, dead codes, quantizer dropout per the quantizer config), decoder.
+
+        With ``quantize_rate < 1`` each example is quantized with that probability and otherwise
+        decoded from the unquantized latent (Moshi paper: 0.5). Returns a :class:`MimiTrainOutput`.
+        """
+        b, _, t = audio.shape
+        if t % self.frame_size:
+            raise ValueError(f"training audio of {t} samples: must be a multiple of the frame size {self.frame_size}")
+        k_q, k_mask = jax.random.split(key)
+        latent = self.encode_latent(audio)
+        q = self.quantizer.train_forward_parts(latent, k_q, step=step, update_stats=update_stats)
+        emb = q.quantized
+        if quantize_rate < 1.0:
+            keep = jax.random.bernoulli(k_mask, quantize_rate, (b, 1, 1))
+            emb = jnp.where(keep, emb, latent.astype(emb.dtype))
+        out = self.decode_latent(emb)
+        return MimiTrainOutput(out, q.codes, q.penalty, q.metrics, q.semantic, latent)
+
     # ---------------------------------------------------------------- streaming
 
     def init_state(self, batch: int) -> MimiState:
@@ -161,3 +194,32 @@ class Mimi(nnx.Module):
     def decode_step(self, codes, state: MimiState):
         """Codes [B, K, n] -> (audio [B, C, n * frame_size], state)."""
         return self.decode_latent_step(self.quantizer.decode(codes), state)
+
+
+def load_codec(path, cfg: MimiConfig | None = None) -> Mimi:
+    """A Mimi from ``path``: a moshax checkpoint (``moshax convert from-kyutai --model mimi``
+    output, a trainer workdir, its ``checkpoints/`` dir or one step dir; the codec is read from
+    ``state["params"]`` / ``state["rest"]``, extra trainer entries such as the discriminator are
+    ignored) or a Kyutai ``.safetensors`` file (with ``cfg``, default the released Mimi).
+    The config comes from the checkpoint's meta unless ``cfg`` is given."""
+    from pathlib import Path
+
+    from moshax.config import ConfigError
+
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {p}")
+        from moshax.interop.mimi_weights import MimiWeightsError, load_mimi
+
+        try:
+            return load_mimi(p, cfg or MimiConfig())
+        except MimiWeightsError as e:
+            raise ConfigError(f"{p}: {str(e).splitlines()[0]}") from None
+    from moshax.commands.convert import build_model_from_checkpoint, open_checkpoint
+
+    ckpt = open_checkpoint(p)
+    if cfg is None and ckpt.model_kind != "mimi":
+        raise ConfigError(f"{ckpt.step_dir} holds a {ckpt.model_kind} model, not a Mimi")
+    model, _ = build_model_from_checkpoint(ckpt, cfg)
+    return model

@@ -197,6 +197,14 @@ def rvq_train(stats: CodebookStats, z, key, *, cfg: QuantizerConfig, n_active=No
     return RVQTrainOutput(quantized, codes, jnp.sum(losses) / n, CodebookStats(es, cu, inited), metrics)
 
 
+class QuantizerTrainOutput(NamedTuple):
+    quantized: jax.Array  # [B, T, D] straight-through, both branches summed
+    codes: jax.Array  # [B, n_q, T]
+    penalty: jax.Array  # commitment loss, renormalised over the levels used
+    metrics: dict
+    semantic: jax.Array  # [B, T, D] the rvq_first branch alone (distillation target)
+
+
 class ResidualVQ(nnx.Module):
     """One RVQ branch: 1x1 in-projection, ``n_levels`` residual Euclidean codebooks, 1x1 out-projection."""
 
@@ -295,6 +303,12 @@ class SplitResidualVQ(nnx.Module):
         With ``q_dropout`` a random number (1..levels) of acoustic levels is used; the penalty is
         the per-branch commitment loss renormalised by the levels used, as Kyutai's.
         """
+        out = self.train_forward_parts(x, key, step=step, update_stats=update_stats)
+        return out.quantized, out.codes, out.penalty, out.metrics
+
+    def train_forward_parts(self, x, key, *, step=0, update_stats: bool = True) -> "QuantizerTrainOutput":
+        """:meth:`train_forward`, also giving ``semantic``: the ``rvq_first`` branch's projected
+        (straight-through) output [B, T, D], the target of semantic distillation."""
         cfg = self.cfg
         b, t, _ = x.shape
         k_first, k_rest, k_drop = jax.random.split(key, 3)
@@ -309,8 +323,8 @@ class SplitResidualVQ(nnx.Module):
                 branch.set_stats(out.stats)
             outs.append(out)
         first, rest = outs
-        quantized = (self.rvq_first.project_out(first.quantized.reshape(b, t, -1))
-                     + self.rvq_rest.project_out(rest.quantized.reshape(b, t, -1)))
+        semantic = self.rvq_first.project_out(first.quantized.reshape(b, t, -1))
+        quantized = semantic + self.rvq_rest.project_out(rest.quantized.reshape(b, t, -1))
         codes = jnp.concatenate([first.codes, rest.codes], axis=0).reshape(cfg.n_q, b, t).transpose(1, 0, 2)
         ns = float(cfg.n_q_semantic)
         na = jnp.asarray(n_active, jnp.float32)
@@ -318,4 +332,4 @@ class SplitResidualVQ(nnx.Module):
         penalty = first.commit_loss * ns / total + rest.commit_loss * na / total
         metrics = {k: first.metrics[k] * ns / total + rest.metrics[k] * na / total for k in first.metrics}
         metrics["n_q"] = total
-        return quantized, codes, penalty, metrics
+        return QuantizerTrainOutput(quantized, codes, penalty, metrics, semantic)

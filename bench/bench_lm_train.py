@@ -1,0 +1,271 @@
+"""Moshi LM train-step throughput vs Kyutai's PyTorch reference, same config, batch and machine.
+
+    .venv/bin/python bench/bench_lm_train.py [--quick] [--configs tiny,b]
+
+Configs: ``tiny`` = configs/moshi_tiny.yaml, ``b`` = /work/shared/bench-ref/common.py ``LM_B``
+(dim 768, 12 layers, depformer 512 x 4, full vocabularies: 299M params). Batch B=2 x 125 frames
+(10 s at 12.5 Hz), fp32, random codes, as /work/shared/bench-ref/bench_lm_train.py. Each side:
+median of N steps after a warm-up step; the three measurements are interleaved step by step.
+
+* reference: ``LMModel.forward`` + text CE + audio CE + ``backward`` (grads zeroed between steps,
+  no optimizer), torch with 2 threads, in a child process (one process with both runtimes makes
+  their thread pools fight: a 0.1 s reference step took 8 s right after a JAX step);
+* moshax fwd+bwd: the task loss (moshi-finetune's objective) and its gradient, jitted (the same
+  work as the reference side: the ratio uses this);
+* moshax train step: the trainer's full step (fwd + bwd + clipping + AdamW update).
+
+frames/s = B x T / step time; tokens/s = frames/s x 17 streams (1 text + 16 audio), as the
+reference benchmark counts them.
+
+``--malloc tuned`` (the default) asks glibc to serve large blocks from the heap and keep freed
+memory (``mallopt``: no mmap, no trim; the same as ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647``). XLA:CPU and PyTorch allocate their step buffers with
+malloc; by default every block above 32 MB is a fresh mmap whose pages fault in on first touch,
+which on this VM writes ~8x slower than resident memory (1.9 vs 17 GB/s measured). Both sides of
+the comparison get the same allocator setting. ``--malloc default``
+leaves glibc alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, median, timed  # noqa: E402
+
+from moshax.config import from_dict, load_config, to_dict  # noqa: E402
+from moshax.interop.lm_weights import moshi_config_from_kyutai, moshi_config_to_kyutai  # noqa: E402
+from moshax.training.moshi_task import MoshiTask  # noqa: E402
+from moshax.training.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+B, T = 2, 125
+PAUSE = 0.5  # s of idle before each timed step: the other side's spinning worker threads go to sleep
+
+# /work/shared/bench-ref/common.py LM_B (its loaders._lm_kwargs base = moshiko's values)
+LM_B = dict(dim=768, num_layers=12, num_heads=12, text_card=32000, card=2048, context=3000, depformer_dim=512,
+            depformer_dim_feedforward=int(4.125 * 512), depformer_num_heads=8, depformer_num_layers=4)
+
+
+def tune_malloc() -> bool:
+    """glibc mallopt: M_MMAP_MAX = 0 (large blocks from the heap), M_TRIM_THRESHOLD = 2 GiB - 1."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def model_configs(names):
+    out = {}
+    if "tiny" in names:
+        cfg = load_config(ROOT / "configs/moshi_tiny.yaml").model
+        cfg.init_from = ""
+        out["moshi_tiny"] = cfg
+    if "b" in names:
+        out["b (LM_B, 299M)"] = moshi_config_from_kyutai(LM_B)
+    return out
+
+
+def random_codes(mcfg, seed=0):
+    g = np.random.default_rng(seed)
+    text = g.integers(0, mcfg.text_card, (B, 1, T))
+    audio = g.integers(0, mcfg.card, (B, mcfg.n_q, T))
+    return np.concatenate([text, audio], 1).astype(np.int32)
+
+
+def moshax_side(mcfg, codes):
+    """Returns (fwd_bwd, train_step, info) callables/dict for moshax on one device."""
+    cfg = from_dict({"model": to_dict(mcfg), "data": {"seq_len": T}, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+                     "train": {"batch_size": B, "steps": 1000, "progress": False}})
+    trainer = Trainer(cfg, MoshiTask(cfg), workdir="/tmp/moshax-bench")
+    state = {"s": trainer.init_state()}
+    batch = trainer.to_global({"codes": codes}, 1)
+    task = trainer.task
+
+    def loss_fn(params, rest, codes):
+        total, _, _ = task.loss(trainer.handle.merge(params, rest), {"codes": codes}, None)
+        return total
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    codes_dev = batch["codes"][0]
+    info = {"params": trainer.handle.num_params()}
+    t0 = time.perf_counter()
+    info["loss"] = float(grad_fn(state["s"]["params"], state["s"]["rest"], codes_dev)[0])
+    info["compile_fwd_bwd"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state["s"], m = trainer.train_step(state["s"], batch)  # compile + 1 step
+    m["loss"].block_until_ready()
+    info["compile_step"] = time.perf_counter() - t0
+
+    def fwd_bwd():
+        jax.block_until_ready(grad_fn(state["s"]["params"], state["s"]["rest"], codes_dev))
+
+    def step():
+        state["s"], m = trainer.train_step(state["s"], batch)
+        m["loss"].block_until_ready()
+
+    return fwd_bwd, step, info
+
+
+def reference_worker(kw_json: str, codes_path: str) -> None:
+    """Child process: build Kyutai's LMModel (as /work/shared/bench-ref/bench_lm_train.py), then
+    for each line "step" on stdin run one forward + text/audio CE + backward and print its time.
+    In its own process: PyTorch's OpenMP threads and XLA's thread pool slow each other down
+    badly when they share one (a 0.1 s reference step took 8 s after a JAX step)."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from moshi.models import loaders
+
+    if os.environ.get("MOSHAX_BENCH_MALLOC") == "tuned":
+        tune_malloc()
+    torch.set_num_threads(2)
+    kw = dict(copy.deepcopy(loaders._lm_kwargs), **json.loads(kw_json))
+    torch.manual_seed(4321)
+    lm = loaders.get_moshi_lm(None, kw, device="cpu", dtype=torch.float32)
+    lm.train()
+    c = torch.from_numpy(np.load(codes_path).astype(np.int64))
+    tgt_audio = c[:, lm.audio_offset:lm.audio_offset + lm.dep_q]
+
+    def step():
+        lm.zero_grad(set_to_none=True)
+        out = lm(c)
+        text_loss = F.cross_entropy(out.text_logits[out.text_mask], c[:, :1][out.text_mask])
+        audio_loss = F.cross_entropy(out.logits[out.mask], tgt_audio[out.mask])
+        loss = text_loss + audio_loss
+        loss.backward()
+        return loss.detach().item()
+
+    loss = step()  # warm-up
+    print(json.dumps({"params": sum(p.numel() for p in lm.parameters()), "loss": loss}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        step()
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+
+
+class ReferenceProcess:
+    def __init__(self, mcfg, codes, malloc: str):
+        import json
+        import subprocess
+        import tempfile
+
+        self._tmp = tempfile.NamedTemporaryFile(suffix=".npy", delete=False)
+        np.save(self._tmp.name, codes)
+        env = dict(os.environ, MOSHAX_BENCH_MALLOC=malloc, NO_TORCH_COMPILE="1")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--reference-worker",
+                                      json.dumps(moshi_config_to_kyutai(mcfg)), self._tmp.name],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        import json
+
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("reference worker died")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        os.unlink(self._tmp.name)
+
+
+def run_config(mcfg, repeats, reference=True, malloc="tuned"):
+    """Build both sides (the reference in a child process), warm up, then time them interleaved
+    step by step (reference, moshax fwd+bwd, moshax train step, ...) so that a change in the
+    machine's load hits all three alike."""
+    codes = random_codes(mcfg)
+    ref = ReferenceProcess(mcfg, codes, malloc) if reference else None
+    fb, st, ours = moshax_side(mcfg, codes)
+    fb()
+    st()
+    times = {"ref": [], "fwd_bwd": [], "step": []}
+    for _ in range(repeats):
+        if ref is not None:
+            time.sleep(PAUSE)
+            times["ref"].append(ref.step())
+        for name, fn in (("fwd_bwd", fb), ("step", st)):
+            time.sleep(PAUSE)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ours.update(fwd_bwd=median(times["fwd_bwd"]), step=median(times["step"]))
+    info = None
+    if ref is not None:
+        ref.close()
+        info = dict(ref.info, step=median(times["ref"]), step_min=min(times["ref"]))
+    del fb, st
+    gc.collect()
+    return ours, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="3 timed steps instead of 5")
+    ap.add_argument("--configs", default="tiny,b", help="comma-separated: tiny, b")
+    ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="glibc allocator settings for both sides (see the module docstring)")
+    args = ap.parse_args()
+    reps = 3 if args.quick else 5
+    tuned = args.malloc == "tuned" and tune_malloc()
+    header(f"Moshi LM train step, B={B} x T={T} frames, fp32 (moshax vs PyTorch moshi 0.2.13 in the same run)")
+    print(f"malloc: {'tuned (no mmap, no trim)' if tuned else 'glibc defaults'}; load average {os.getloadavg()}")
+    rows = []
+    for name, mcfg in model_configs(args.configs.split(",")).items():
+        ours, ref = run_config(mcfg, reps, reference=not args.no_reference, malloc=args.malloc)
+        rows.append((name, mcfg, ours, ref))
+        print(f"{name}: moshax fwd+bwd {ours['fwd_bwd']:.3f}s, step {ours['step']:.3f}s"
+              + ("" if ref is None else f", reference fwd+bwd {ref['step']:.3f}s"), flush=True)
+
+    frames = B * T
+    print("\n| config | params | side | step median s | frames/s | tokens/s (x17) | vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for name, mcfg, ours, ref in rows:
+        k = mcfg.num_codebooks
+        base = None if ref is None else ref["step"]
+        if ref is not None:
+            print(f"| {name} | {ref['params'] / 1e6:.2f}M | PyTorch fwd+bwd | {ref['step']:.3f} | {frames / ref['step']:.1f} "
+                  f"| {frames * k / ref['step']:.0f} | 1.00x |")
+        for side, t in (("moshax fwd+bwd", ours["fwd_bwd"]), ("moshax train step (+AdamW)", ours["step"])):
+            ratio = "" if base is None else f"{base / t:.2f}x"
+            print(f"| {name} | {ours['params'] / 1e6:.2f}M | {side} | {t:.3f} | {frames / t:.1f} | {frames * k / t:.0f} "
+                  f"| {ratio} |")
+    print(f"\n{reps} timed steps each, interleaved, after 1 warm-up; compile s (fwd+bwd / train step): "
+          + ", ".join(f"{n} {o['compile_fwd_bwd']:.1f} / {o['compile_step']:.1f}" for n, _, o, _ in rows))
+    print("target (/work/shared/targets.md): config (b) train step >= 1.5x the reference's 76 frames/s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--reference-worker":
+        reference_worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

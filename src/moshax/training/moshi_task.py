@@ -1,0 +1,245 @@
+"""Moshi RQ-Transformer training task: multi-stream shards, augmentations, moshi-finetune's loss,
+per-stream metrics, Helium (or Moshi) warm start.
+
+Batches are ``{"codes": int32 [B, n_q + 1, T]}`` read from multi-stream token shards
+(:mod:`data_pipeline.multistream`, ``data.train_shards`` / ``data.eval_shards``, ``T =
+data.seq_len``).
+
+Objective and gradient accumulation
+-----------------------------------
+moshi-finetune optimizes, per micro-batch, ``text_sum / text_weight + audio_sum / audio_weight``
+(two weighted means, see :func:`moshax.models.moshi_lm.total_loss`), and with several
+micro-batches it averages that number (and the gradients) over the micro-batches. This task
+returns ``(total, 1.0, aux)`` for each micro-batch, so the trainer's ``sum(loss) / sum(weight)``
+is exactly that: one micro-batch gives moshi-finetune's loss, ``grad_accum_steps = N`` gives the
+mean of the N micro-batch losses as moshi-finetune does. Data sharding is exact as well (the
+global micro-batch is one loss, whatever the mesh). The per-stream metrics are (sum, weight)
+pairs, so they are token-weighted over the whole batch:
+
+* ``text``: weighted text CE (PAD/EPAD targets count ``text_padding_weight``),
+* ``semantic``: CE of the first (semantic) codebook, ``acoustic``: CE of the other codebooks,
+* ``audio``: the weighted audio mean that enters the objective (semantic x ``semantic_weight``).
+
+Augmentations (``model.augment``) shift each example's text stream by a random number of frames
+and mask text positions, see :class:`moshax.models.moshi_lm.MoshiAugmentConfig`. They are drawn
+from the step's rng; ``rng=None`` (and :meth:`MoshiTask.eval_loss`) means no augmentation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moshax.config import Config, ConfigError
+from moshax.models.moshi_lm import ZERO_TOKEN, MoshiAugmentConfig, MoshiLM, MoshiLMConfig, total_loss
+from moshax.training.metrics import transformer_flops_per_token
+
+METRICS = ("text", "semantic", "acoustic", "audio")
+
+
+def augment_codes(codes, rng, aug: MoshiAugmentConfig, frame_rate: float):
+    """Pretraining augmentations of ``codes`` [B, K, T] from ``rng`` (jit-friendly): a random
+    per-example text shift of up to ``floor(aug.text_delay_s * frame_rate)`` frames either way
+    (frames shifted in are -1), then text positions set to -1 with ``aug.text_mask_prob``."""
+    b, _, t = codes.shape
+    text = codes[:, 0]
+    k_shift, k_mask = jax.random.split(rng)
+    max_shift = int(np.floor(aug.text_delay_s * frame_rate + 1e-6))
+    if max_shift > 0:
+        shift = jax.random.randint(k_shift, (b, 1), -max_shift, max_shift + 1)
+        src = jnp.arange(t, dtype=jnp.int32)[None, :] - shift  # positive shift: text comes later
+        valid = (src >= 0) & (src < t)
+        text = jnp.where(valid, jnp.take_along_axis(text, jnp.clip(src, 0, t - 1), axis=1), ZERO_TOKEN)
+    if aug.text_mask_prob > 0:
+        shape = (b, t) if aug.text_mask_mode == "token" else (b, 1)
+        drop = jax.random.bernoulli(k_mask, aug.text_mask_prob, shape)
+        text = jnp.where(drop, ZERO_TOKEN, text)
+    return codes.at[:, 0].set(text.astype(codes.dtype))
+
+
+def augmentation_enabled(aug: MoshiAugmentConfig) -> bool:
+    return aug.text_delay_s > 0 or aug.text_mask_prob > 0
+
+
+class MoshiTask:
+    """What the generic trainer needs to train the Moshi LM on multi-stream token shards."""
+
+    name = "moshi"
+
+    def __init__(self, cfg: Config):
+        if not isinstance(cfg.model, MoshiLMConfig):
+            raise ConfigError(f"model.kind={getattr(cfg.model, 'kind', '?')!r}: the moshi task needs model.kind: moshi")
+        self.cfg = cfg
+        self.model_cfg: MoshiLMConfig = cfg.model
+        self.steps = cfg.data.seq_len
+
+    # ------------------------------------------------------------------ model + loss
+
+    def build_model(self, rngs: nnx.Rngs) -> MoshiLM:
+        return MoshiLM(self.model_cfg, rngs=rngs)
+
+    def example_spec(self) -> dict:
+        return {"codes": ((self.model_cfg.num_codebooks, self.steps), np.int32)}
+
+    def batch_axes(self) -> dict:
+        return {"codes": ("act_batch", None, None)}
+
+    def loss(self, model: MoshiLM, batch: dict, rng):
+        """(total, 1.0, per-stream (sum, weight) pairs); see the module docstring. ``rng`` None
+        means evaluation: no augmentation."""
+        codes = batch["codes"].astype(jnp.int32)
+        mcfg = self.model_cfg
+        if rng is not None and augmentation_enabled(mcfg.augment):
+            codes = augment_codes(codes, rng, mcfg.augment, mcfg.frame_rate)
+        out = model.forward_train(codes)
+        losses = model.loss(out, codes)
+        total = total_loss(losses)
+        return total, jnp.ones((), jnp.float32), {name: losses[name] for name in METRICS}
+
+    def eval_loss(self, model: MoshiLM, batch: dict):
+        """Evaluation: :meth:`loss` without augmentations (for a trainer that prefers
+        ``task.eval_loss`` over ``task.loss(model, batch, PRNGKey(0))`` in its eval step)."""
+        return self.loss(model, batch, None)
+
+    # ------------------------------------------------------------------ warm start
+
+    def init_params(self, params: dict, rest: dict, trainer) -> tuple[dict, dict]:
+        """``model.init_from``: copy a Helium checkpoint's text embedding rows, transformer,
+        out_norm and text head (audio and depth parts keep their random init), or every param of
+        a Moshi LM checkpoint (e.g. a converted moshiko)."""
+        if not self.model_cfg.init_from:
+            return params, rest
+        return warm_start(params, rest, self.model_cfg, self.model_cfg.init_from, trainer.param_shardings,
+                          trainer.mesh), rest
+
+    # ------------------------------------------------------------------ data
+
+    def data_iterator(self, split: str, *, global_batch_size: int, process_index: int, process_count: int):
+        from data_pipeline.shard_loader import make_shard_iterator
+
+        data = self.cfg.data
+        shards = data.train_shards if split == "train" else data.eval_shards
+        if not shards:
+            return None
+        self._check_shards(shards)
+        return make_shard_iterator(shards, split=split, global_batch_size=global_batch_size, seed=self.cfg.seed,
+                                   process_index=process_index, process_count=process_count,
+                                   num_workers=data.num_workers, field="codes")
+
+    def _check_shards(self, shards: str) -> dict:
+        from data_pipeline.errors import DataError
+        from data_pipeline.multistream import read_multistream_manifest
+
+        manifest = read_multistream_manifest(shards)
+        want = [self.model_cfg.num_codebooks, self.steps]
+        if manifest["record"]["shape"] != want:
+            raise DataError(f"multi-stream shards {shards} hold records of shape {manifest['record']['shape']}, but "
+                            f"the model needs [n_q + 1, data.seq_len] = {want}")
+        spec = manifest.get("multistream", {})
+        for key, mine in (("text_card", self.model_cfg.text_card), ("card", self.model_cfg.card)):
+            if spec.get(key, 0) > mine:
+                raise DataError(f"multi-stream shards {shards} have {key}={spec[key]} but model.{key}={mine}")
+        return manifest
+
+    def check_inputs(self) -> None:
+        data = self.cfg.data
+        if not data.train_shards:
+            raise ConfigError("data.train_shards is empty: name a multi-stream token-shard directory")
+        self._check_shards(data.train_shards)
+        if data.eval_shards:
+            self._check_shards(data.eval_shards)
+        if self.model_cfg.init_from:
+            from moshax.commands.convert import open_checkpoint
+
+            open_checkpoint(self.model_cfg.init_from)
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_example(self, num_params: int, num_embedding_params: int) -> float:
+        """6 N per token for the matmul params each frame uses (temporal transformer + text head;
+        per depth step: its depformer weight set, input projection and output head) + attention."""
+        m = self.model_cfg
+        t, d = m.transformer, m.depformer
+        temporal = _stack_params(t) + t.dim * m.text_card
+        depth_step = _stack_params(d) + t.dim * d.dim + d.dim * m.card
+        per_frame = 6.0 * (temporal + m.dep_q * depth_step) + 12.0 * t.num_layers * t.dim * self.steps \
+            + 12.0 * d.num_layers * d.dim * m.dep_q * m.dep_q
+        return per_frame * self.steps
+
+    def tokens_per_example(self) -> int:
+        """Tokens = frames x streams (text + every audio codebook), as the reference benchmark."""
+        return self.steps * self.model_cfg.num_codebooks
+
+    def frames_per_example(self) -> int:
+        return self.steps
+
+    def embedding_params(self) -> int:
+        m = self.model_cfg
+        return (m.text_card + 1) * (m.transformer.dim + m.depformer.dim) + m.n_q * (m.card + 1) * m.transformer.dim \
+            + max(m.dep_q - 1, 0) * (m.card + 1) * m.depformer.dim
+
+
+def _stack_params(t) -> int:
+    """Matmul params of one transformer stack (one weight set): attention + (gated) MLP."""
+    mlp = (3 if t.gated else 2) * t.dim * t.hidden_dim
+    return t.num_layers * (4 * t.dim * t.dim + mlp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start
+# ---------------------------------------------------------------------------------------------
+
+HELIUM_KEYS = ("transformer", "out_norm", "text_linear", "text_emb")
+
+
+def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardings: dict, mesh) -> dict:
+    """New params with the parts ``source`` provides (see :meth:`MoshiTask.init_params`), restored
+    straight onto ``shardings``."""
+    from moshax.commands.convert import check_shapes, open_checkpoint
+
+    ckpt = open_checkpoint(source)
+    kind = ckpt.model_kind
+    stored = ckpt.param_shapes()
+    mine = jax.tree.map(lambda a: tuple(a.shape), params)
+    dtypes = jax.tree.map(lambda a: a.dtype, params)
+
+    def target(keys, override=None):
+        out = {}
+        for k in keys:
+            shapes = (override or {}).get(k, mine[k])
+            out[k] = jax.tree.map(lambda s, d, sh: jax.ShapeDtypeStruct(s, d, sharding=sh), shapes, dtypes[k],
+                                  shardings[k], is_leaf=lambda x: isinstance(x, tuple))
+        return out
+
+    if kind == "moshi":
+        check_shapes(stored, mine, f"model.init_from={source}")
+        restored, _ = ckpt.restore(target(list(params)))
+        return restored
+    if kind != "helium":
+        raise ConfigError(f"model.init_from={source}: a {kind} checkpoint cannot initialize a Moshi LM "
+                          "(expected a Helium or Moshi LM checkpoint)")
+    hcfg = ckpt.model_config_dict
+    if hcfg.get("vocab_size") != cfg.text_card:
+        raise ConfigError(f"model.init_from={source}: Helium vocab_size={hcfg.get('vocab_size')} != "
+                          f"model.text_card={cfg.text_card}")
+    missing = [k for k in HELIUM_KEYS if k not in stored]
+    if missing:
+        raise ConfigError(f"model.init_from={source}: no {', '.join(missing)} params in the Helium checkpoint")
+    want = {k: mine[k] for k in HELIUM_KEYS}
+    want["text_emb"] = (cfg.text_card, cfg.transformer.dim)
+    check_shapes({k: stored[k] for k in HELIUM_KEYS}, want, f"model.init_from={source} (Helium)")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    tgt = target(HELIUM_KEYS[:3])
+    tgt["text_emb"] = jax.ShapeDtypeStruct(want["text_emb"], dtypes["text_emb"], sharding=rep)
+    restored, _ = ckpt.restore(tgt)
+    new = dict(params)
+    for k in HELIUM_KEYS[:3]:
+        new[k] = restored[k]
+    with jax.set_mesh(mesh):
+        new["text_emb"] = jax.jit(lambda cur, emb: cur.at[: emb.shape[0]].set(emb.astype(cur.dtype)),
+                                  out_shardings=shardings["text_emb"])(params["text_emb"], restored["text_emb"])
+    return new
