@@ -143,6 +143,7 @@ def test_forward_matches_reference(variant, tmp_path):
     codes = random_codes(cfg, batch=2, steps=12, seed=len(variant))
     _, diffs = compare(lm, model, codes)
     print(f"{variant}: max |logit diff| text {diffs['text_logits']:.2e} audio {diffs['logits']:.2e}")
+    assert diffs["text_logits"] < 1e-4 and diffs["logits"] < 1e-4
 
 
 def test_round_trip_bitwise(tmp_path):
