@@ -5,7 +5,9 @@
 Configs: ``tiny`` = configs/moshi_tiny.yaml, ``b`` = /work/shared/bench-ref/common.py ``LM_B``
 (dim 768, 12 layers, depformer 512 x 4, full vocabularies: 299M params). Batch B=2 x 125 frames
 (10 s at 12.5 Hz), fp32, random codes, as /work/shared/bench-ref/bench_lm_train.py. Each side:
-median of N steps after a warm-up step; the three measurements are interleaved step by step.
+median of N steps after a warm-up step; the three measurements are interleaved step by step,
+each after a 0.5 s pause (the other runtime's idle worker threads spin for a while after a step;
+on 2 cores that alone made the tiny reference step 8x slower).
 
 * reference: ``LMModel.forward`` + text CE + audio CE + ``backward`` (grads zeroed between steps,
   no optimizer), torch with 2 threads, in a child process (one process with both runtimes makes
@@ -22,8 +24,7 @@ memory (``mallopt``: no mmap, no trim; the same as ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=2147483647``). XLA:CPU and PyTorch allocate their step buffers with
 malloc; by default every block above 32 MB is a fresh mmap whose pages fault in on first touch,
 which on this VM writes ~8x slower than resident memory (1.9 vs 17 GB/s measured). Both sides of
-the comparison get the same allocator setting. ``--malloc default``
-leaves glibc alone.
+the comparison get the same allocator setting; ``--malloc default`` leaves glibc alone.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from pathlib import Path
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

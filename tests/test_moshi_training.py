@@ -176,18 +176,22 @@ def test_sharded_step_equals_single_device_and_is_the_finetune_objective(trainer
         for i in range(2):
             batch = next(it)
             if i == 0 and shape == (1, 1, 1):  # the objective, recomputed outside the train step
-                model = tr.handle.merge(state["params"], state["rest"])
+                p, r = state["params"], state["rest"]
+                task_loss = jax.jit(lambda p, r, c, k: tr.task.loss(tr.handle.merge(p, r), {"codes": c}, k))
                 keys = jax.random.split(jax.random.split(state["rng"])[1], 2)
                 totals, auxes = [], []
                 for j in range(2):
-                    mb = {"codes": jnp.asarray(batch["codes"][j * 4:(j + 1) * 4])}
-                    total, weight, aux = tr.task.loss(model, mb, keys[j])
+                    total, weight, aux = task_loss(p, r, jnp.asarray(batch["codes"][j * 4:(j + 1) * 4]), keys[j])
                     assert float(weight) == 1.0
                     totals.append(float(total))
                     auxes.append(aux)
-                clean = {"codes": jnp.asarray(batch["codes"][:4])}
-                total, _, aux = tr.task.loss(model, clean, None)  # no rng: no augmentation
-                losses_ = model.loss(model.forward_train(clean["codes"]), clean["codes"])
+
+                @jax.jit
+                def clean_loss(p, r, c):  # no rng: no augmentation
+                    model = tr.handle.merge(p, r)
+                    return tr.task.loss(model, {"codes": c}, None), model.loss(model.forward_train(c), c)
+
+                (total, _, aux), losses_ = clean_loss(p, r, jnp.asarray(batch["codes"][:4]))
                 np.testing.assert_allclose(float(total), float(total_loss(losses_)), rtol=1e-6)
                 sem, aco = losses_["semantic"], losses_["acoustic"]
                 assert float(sem[1]) == 100.0 * 4 * T  # semantic weight 100, delay 0, no -1 codes

@@ -260,8 +260,8 @@ def evaluate_codec_checkpoint(ckpt, run_cfg, folder: str) -> dict:
 def format_codec_report(rep: dict) -> str:
     lines = [f"eval mimi {rep['checkpoint']} on {rep['audio']}", "", "| metric | value |", "|---|---|"]
     for k, v in rep.items():
-        if k in ("checkpoint", "kind", "audio"):
-            continue
+        if k in ("checkpoint", "kind", "audio") or isinstance(v, (list, dict)) or v is None:
+            continue  # per-file rows stay in --json
         lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     return "\n".join(lines)
 

@@ -34,7 +34,6 @@ from flax import nnx
 
 from moshax.config import Config, ConfigError
 from moshax.models.moshi_lm import ZERO_TOKEN, MoshiAugmentConfig, MoshiLM, MoshiLMConfig, total_loss
-from moshax.training.metrics import transformer_flops_per_token
 
 METRICS = ("text", "semantic", "acoustic", "audio")
 
