@@ -203,6 +203,30 @@ def test_gan_gradients_stay_on_their_side(corpus, tmp_path):
     assert float(optax_norm(full["encoder"])) > 0 and float(optax_norm(full["distill_proj"])) > 0
 
 
+def test_balancer_step(corpus):
+    """model.train.balancer: the audio losses (adversarial, feature matching, mel) are combined by
+    their normalized gradients on the decoded audio; the step yields finite losses and gradients."""
+    from moshax.parallel.partition import ModelHandle
+
+    cfg = nano_config(corpus, balancer=True, mel_weight=1.0)
+    task = MimiTask(cfg)
+    handle = ModelHandle.from_constructor(task.build_model)
+    params, rest = handle.init(task.build_model, 0)
+    batch = jax.tree.map(jnp.asarray, next(task.data_iterator("train", global_batch_size=2, process_index=0,
+                                                              process_count=1)))
+
+    def f(p, r, b):
+        (loss, (_, aux)), g = jax.value_and_grad(
+            lambda p: (lambda out: (out[0], out[1:]))(task.loss(handle.merge(p, r), b, jax.random.key(0))),
+            has_aux=True)(p)
+        return loss, aux, g
+
+    loss, aux, grads = jax.jit(f)(params, rest, batch)
+    assert np.isfinite(float(loss)) and float(optax_norm(grads["encoder"])) > 0
+    for k in ("adversarial", "feature_matching", "mel_distance"):
+        assert np.isfinite(float(aux[k][0])) and float(aux[f"grad_norm_{k}"][0]) > 0
+
+
 def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -225,6 +249,8 @@ def test_training_updates_codebooks_and_resumes_exactly(corpus, tmp_path, capsys
     for key in ("adversarial", "feature_matching", "commitment", "distillation", "d_loss", "si_sdr", "rvq_entropy"):
         assert key in hist[0], key
     assert "eval_loss" in hist[-1]
+    # eval runs without quantizer dropout (q_dropout is on in training): every level, every crop
+    assert hist[-1]["eval_n_q"] == 4.0 and any(h["n_q"] < 4.0 for h in hist if "n_q" in h)
     first = _trainer(cfg, tmp_path / "split").run(max_steps=2)
     second = _trainer(cfg, tmp_path / "split").run()
     assert second["resumed_from"] == 2
@@ -238,6 +264,17 @@ def test_training_updates_codebooks_and_resumes_exactly(corpus, tmp_path, capsys
     init = np.asarray(rest["quantizer"]["rvq_rest"]["initialized"])
     assert init[:2].tolist() == [1.0, 1.0]  # k-means ran for the first levels (one more level per step)
     assert int(rest["forward_count"]) == 4
+
+    # warm start: a new run's codec starts from this checkpoint (the discriminator starts fresh)
+    warm = _trainer(micro_config(corpus, tmp_path / "warm", model_train={"init_from": str(tmp_path / "full")}),
+                    tmp_path / "warm").init_state()
+    trained = jax.device_get(state["params"])
+    for a, b in zip(jax.tree.leaves(jax.device_get(warm["params"]["encoder"])), jax.tree.leaves(trained["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(warm["rest"]["quantizer"]["rvq_rest"]["embedding_sum"]),
+                                  rest["quantizer"]["rvq_rest"]["embedding_sum"])
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(warm["params"]["discriminator"])),
+                                                        jax.tree.leaves(trained["discriminator"])))
 
     from moshax.cli import main
 
@@ -289,10 +326,11 @@ def test_config_errors(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)")
 def test_tiny_mimi_on_synthetic_speech_lowers_losses(tmp_path):
-    """configs/mimi_tiny.yaml (adversarial + feature matching + distillation from the mel teacher,
-    no reconstruction loss) for 240 steps on an eSpeak NG corpus: the eval feature-matching and
-    distillation losses go down from the first eval (step 60, once the discriminator is past its
-    random start, where feature matching is trivially small) to the last."""
+    """configs/mimi_tiny.yaml as is (300 steps, adversarial + feature matching + mel-teacher
+    distillation, no reconstruction loss) on a 120-utterance eSpeak NG corpus: the eval
+    feature-matching and distillation losses go down from the first eval (step 100) to the last.
+    (Feature matching starts trivially small against the random initial discriminator and rises
+    while the discriminator learns, in the first ~30 steps.)"""
     from pathlib import Path
 
     from data_pipeline.speech_synth import synthesize_corpus
@@ -301,16 +339,19 @@ def test_tiny_mimi_on_synthetic_speech_lowers_losses(tmp_path):
     synthesize_corpus(tmp_path / "speech", train=120, eval=8, seed=0)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/mimi_tiny.yaml", [
         f"model.train.train_sources=[{tmp_path}/speech/train]", f"model.train.eval_sources=[{tmp_path}/speech/eval]",
-        "train.steps=240", "train.eval_every=60", "train.eval_batches=4", "train.progress=false"])
+        "train.progress=false"])
     jax.config.update("jax_disable_most_optimizations", False)  # a real run: optimized code
     try:
-        summary = Trainer(cfg, MimiTask(cfg), workdir=tmp_path / "run").run()
+        # one device: 8 simulated CPU devices on 2 cores make XLA:CPU's in-process collectives of
+        # this many-branched step stall under load (and run slower)
+        mesh = build_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+        summary = Trainer(cfg, MimiTask(cfg), mesh=mesh, workdir=tmp_path / "run").run()
     finally:
         jax.config.update("jax_disable_most_optimizations", True)
     evals = [h for h in summary["history"] if "eval_loss" in h]
     keys = ("eval_feature_matching", "eval_distillation", "eval_adversarial", "eval_d_loss", "eval_si_sdr",
             "eval_mel_distance")
     print(json.dumps([{"step": h["step"], **{k: round(h[k], 4) for k in keys}} for h in evals]))
-    assert len(evals) == 4
+    assert len(evals) == 3
     assert evals[-1]["eval_feature_matching"] < evals[0]["eval_feature_matching"]
     assert evals[-1]["eval_distillation"] < evals[0]["eval_distillation"]

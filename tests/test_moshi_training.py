@@ -233,6 +233,22 @@ def test_resume_is_bitwise_exact(trainers, tmp_path):
         assert _history(first, key) + _history(second, key) == _history(full, key), key
 
 
+def test_eval_step_has_no_augmentations(trainers):
+    """The trainer's eval step uses ``task.eval_loss``: with text delay and masking on in the
+    config, eval losses equal the plain (unaugmented) forward's, and differ from the train loss."""
+    tr = trainers[(1, 1, 1)]
+    state = tr.init_state()
+    batch = _first_batch(tr)
+    got = jax.device_get(tr.eval_step(state, tr.to_global(batch, 1)))
+    model = tr.handle.merge(state["params"], state["rest"])
+    codes = {"codes": jnp.asarray(batch["codes"])}
+    plain = jax.device_get(tr.task.loss(model, codes, None))
+    augmented = jax.device_get(tr.task.loss(model, codes, jax.random.PRNGKey(0)))
+    for name in ("text", "semantic", "acoustic"):
+        np.testing.assert_allclose(got[name][0] / got[name][1], plain[2][name][0] / plain[2][name][1], rtol=1e-5)
+    assert abs(got["text"][0] / got["text"][1] - augmented[2]["text"][0] / augmented[2]["text"][1]) > 1e-4
+
+
 # ----------------------------------------------------------------------------- warm start
 
 

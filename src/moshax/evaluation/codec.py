@@ -37,8 +37,11 @@ class CodecRunner:
         self.chunk_frames = int(chunk_frames)
         self.frame_size = mimi.frame_size
         self.sample_rate = mimi.cfg.sample_rate
-        self._enc = nnx.jit(lambda m, x, s: m.encode_step(x, s, k))
-        self._dec = nnx.jit(lambda m, c, s: m.decode_step(c, s))
+        # jax.jit over the split state: nnx.jit re-walks the module graph on every call (tens of
+        # ms for the full Mimi, more than a streamed frame's compute)
+        graphdef, self._state = nnx.split(mimi)
+        self._enc = jax.jit(lambda st, x, s: nnx.merge(graphdef, st).encode_step(x, s, k))
+        self._dec = jax.jit(lambda st, c, s: nnx.merge(graphdef, st).decode_step(c, s))
 
     def frames_for(self, num_samples: int) -> int:
         return max(1, math.ceil(num_samples / self.frame_size))
@@ -54,7 +57,7 @@ class CodecRunner:
         out = []
         for start in range(0, total, n):
             chunk = jnp.asarray(x[start:start + n])[None, None]
-            codes, state = self._enc(self.mimi, chunk, state)
+            codes, state = self._enc(self._state, chunk, state)
             out.append(np.asarray(codes[0]))
         return np.concatenate(out, axis=-1)[:, :frames].astype(np.int32)
 
@@ -67,7 +70,7 @@ class CodecRunner:
         state = self.mimi.init_state(1)
         out = []
         for start in range(0, total, self.chunk_frames):
-            audio, state = self._dec(self.mimi, jnp.asarray(c[:, start:start + self.chunk_frames])[None], state)
+            audio, state = self._dec(self._state, jnp.asarray(c[:, start:start + self.chunk_frames])[None], state)
             out.append(np.asarray(audio[0, 0]))
         return np.concatenate(out)[: frames * self.frame_size].astype(np.float32)
 

@@ -20,7 +20,8 @@ The trainer's model is :class:`MimiForTraining`: a :class:`Mimi` with two more a
 ``discriminator`` and ``distill_proj``, so its checkpoints read as plain Mimi checkpoints
 (``moshax mimi``, ``moshax convert to-kyutai``; the extra entries are ignored).
 Reported metrics: ``loss`` (G + D), ``g_loss``, ``d_loss``, ``adversarial``, ``feature_matching``,
-``commitment``, ``distillation``, ``l1``, ``mel_distance``, ``si_sdr``, ``rvq_entropy``,
+``commitment``, ``distillation``, ``l1`` (when weighted), ``mel_distance`` (the mel loss, weighted
+or not), ``si_sdr``, ``rvq_entropy``,
 ``rvq_expired``, ``n_q``; ``tokens_per_second`` counts codec frames (12.5 per second of audio).
 """
 
@@ -193,12 +194,19 @@ class MimiTask:
     # ----------------------------------------------------------------------------- loss
 
     def loss(self, model: MimiForTraining, batch: dict, rng):
+        """Generator + discriminator loss of one batch (summed over examples) and the metrics;
+        ``rng`` None means evaluation: every crop quantized with every level, no statistics
+        updated."""
         tc = self.tc
         audio = batch["audio"].astype(jnp.float32)
         b = audio.shape[0]
         step = model.forward_count[...]
-        model.forward_count[...] = step + 1
-        out = model.train_forward(audio, rng, step=step, quantize_rate=tc.quantize_rate)
+        if rng is None:
+            out = model.train_forward(audio, jax.random.key(0), step=step, quantize_rate=1.0, update_stats=False,
+                                      dropout=False)
+        else:
+            model.forward_count[...] = step + 1
+            out = model.train_forward(audio, rng, step=step, quantize_rate=tc.quantize_rate)
         fake = out.audio.astype(jnp.float32)
 
         # discriminator on real and (stopped) decoded audio, in one pass
@@ -221,7 +229,7 @@ class MimiTask:
         audio_losses = {"adversarial": (tc.adversarial_weight, adversarial),
                         "feature_matching": (tc.feature_matching_weight, feature_matching),
                         "l1": (tc.l1_weight, lambda x: L.l1_loss(x, audio)),
-                        "mel": (tc.mel_weight, lambda x: L.mel_loss(x, audio, sr))}
+                        "mel_distance": (tc.mel_weight, lambda x: L.mel_loss(x, audio, sr))}
         aux = {}
         if tc.balancer:
             active = {k: (lambda x, f=f: jnp.mean(f(x))) for k, (w, f) in audio_losses.items() if w > 0}
@@ -262,12 +270,16 @@ class MimiTask:
         aux["d_loss"] = (d_sum, b)
         aux["g_loss"] = (g_report, b)
         sg_fake = jax.lax.stop_gradient(fake)
-        if "mel" not in aux:
+        if "mel_distance" not in aux:
             aux["mel_distance"] = (jnp.sum(L.mel_loss(sg_fake, audio, sr)), b)
         aux["si_sdr"] = (jnp.sum(L.si_sdr(audio, sg_fake)), b)
         for k, v in out.metrics.items():
             aux[k] = (v * b, b)
         return g_loss + d_sum, jnp.asarray(b, jnp.float32), aux
+
+    def eval_loss(self, model: MimiForTraining, batch: dict):
+        """Evaluation: :meth:`loss` with all codebooks, every crop quantized, no EMA updates."""
+        return self.loss(model, batch, None)
 
     # ----------------------------------------------------------------------------- accounting
 

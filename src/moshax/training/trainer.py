@@ -183,8 +183,15 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step_fn(self, state: dict, batch: dict):
+        """Loss of one eval batch: ``task.eval_loss(model, batch)`` when the task has one (no
+        augmentations, no dropout), else ``task.loss`` with a fixed key."""
         model = self.handle.merge(state["params"], state["rest"])
-        loss_sum, weight, aux = self.task.loss(model, jax.tree.map(lambda x: x[0], batch), jax.random.PRNGKey(0))
+        micro = jax.tree.map(lambda x: x[0], batch)
+        eval_loss = getattr(self.task, "eval_loss", None)
+        if eval_loss is not None:
+            loss_sum, weight, aux = eval_loss(model, micro)
+        else:
+            loss_sum, weight, aux = self.task.loss(model, micro, jax.random.PRNGKey(0))
         return {"loss": (loss_sum, weight), **aux}
 
     def compile_train_step(self, abstract_batch: dict) -> Callable:

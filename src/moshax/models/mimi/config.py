@@ -144,6 +144,7 @@ class TeacherConfig:
     frame_rate: float = 50.0  # npy and mel
     dim: int = 0  # npy: expected feature size (0: from the files)
     n_mels: int = 64  # mel
+    normalize: bool = False  # mel: per-band mean/variance normalization over each crop
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.kind", self.kind, TEACHER_KINDS)

@@ -129,20 +129,21 @@ class Mimi(nnx.Module):
     # ---------------------------------------------------------------- training
 
     def train_forward(self, audio, key, *, step=0, quantize_rate: float = 1.0,
-                      update_stats: bool = True) -> "MimiTrainOutput":
+                      update_stats: bool = True, dropout: bool = True) -> "MimiTrainOutput":
         """Training forward of audio [B, C, T] (T a multiple of the frame size): encoder, split
         RVQ in train mode (EMA codebook updates written in place when ``update_stats``; k-means
         init, dead codes, quantizer dropout per the quantizer config), decoder.
 
         With ``quantize_rate < 1`` each example is quantized with that probability and otherwise
-        decoded from the unquantized latent (Moshi paper: 0.5). Returns a :class:`MimiTrainOutput`.
+        decoded from the unquantized latent (Moshi paper: 0.5). ``dropout=False`` turns quantizer
+        dropout off (evaluation). Returns a :class:`MimiTrainOutput`.
         """
         b, _, t = audio.shape
         if t % self.frame_size:
             raise ValueError(f"training audio of {t} samples: must be a multiple of the frame size {self.frame_size}")
         k_q, k_mask = jax.random.split(key)
         latent = self.encode_latent(audio)
-        q = self.quantizer.train_forward_parts(latent, k_q, step=step, update_stats=update_stats)
+        q = self.quantizer.train_forward_parts(latent, k_q, step=step, update_stats=update_stats, dropout=dropout)
         emb = q.quantized
         if quantize_rate < 1.0:
             keep = jax.random.bernoulli(k_mask, quantize_rate, (b, 1, 1))

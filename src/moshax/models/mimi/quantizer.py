@@ -306,14 +306,16 @@ class SplitResidualVQ(nnx.Module):
         out = self.train_forward_parts(x, key, step=step, update_stats=update_stats)
         return out.quantized, out.codes, out.penalty, out.metrics
 
-    def train_forward_parts(self, x, key, *, step=0, update_stats: bool = True) -> "QuantizerTrainOutput":
+    def train_forward_parts(self, x, key, *, step=0, update_stats: bool = True,
+                            dropout: bool = True) -> "QuantizerTrainOutput":
         """:meth:`train_forward`, also giving ``semantic``: the ``rvq_first`` branch's projected
-        (straight-through) output [B, T, D], the target of semantic distillation."""
+        (straight-through) output [B, T, D], the target of semantic distillation. ``dropout=False``
+        uses every level whatever ``q_dropout`` says (evaluation)."""
         cfg = self.cfg
         b, t, _ = x.shape
         k_first, k_rest, k_drop = jax.random.split(key, 3)
         n_rest = cfg.n_q - cfg.n_q_semantic
-        n_active = jax.random.randint(k_drop, (), 1, n_rest + 1) if cfg.q_dropout else n_rest
+        n_active = jax.random.randint(k_drop, (), 1, n_rest + 1) if cfg.q_dropout and dropout else n_rest
         check = (jnp.asarray(step) % cfg.check_unused_every) == cfg.check_unused_every - 1
         outs = []
         for branch, k, n in ((self.rvq_first, k_first, None), (self.rvq_rest, k_rest, n_active)):

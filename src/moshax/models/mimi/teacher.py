@@ -29,11 +29,11 @@ from moshax.models.mimi.config import TeacherConfig
 
 class MelTeacher:
     """log10 mel magnitudes at ``frame_rate`` Hz: a causal STFT with hop ``sample_rate / frame_rate``
-    and window ``2 * hop`` (left-padded so ``T / hop`` frames come out), ``n_mels`` HTK bands,
-    mean- and variance-normalized per band over the input (so the cosine distance of distillation
-    measures the spectral shape, not the common offset of all log-mel vectors)."""
+    and window ``2 * hop`` (left-padded so ``T / hop`` frames come out), ``n_mels`` HTK bands;
+    with ``normalize``, mean- and variance-normalized per band over the input (the cosine distance
+    then ignores the offset all log-mel vectors share: a harder target)."""
 
-    def __init__(self, sample_rate: int, frame_rate: float = 50.0, n_mels: int = 64, normalize: bool = True):
+    def __init__(self, sample_rate: int, frame_rate: float = 50.0, n_mels: int = 64, normalize: bool = False):
         hop = sample_rate / frame_rate
         if abs(hop - round(hop)) > 1e-9:
             raise ConfigError(f"mel teacher: frame_rate {frame_rate} Hz does not divide {sample_rate} Hz")
@@ -83,7 +83,7 @@ def build_teacher(cfg: TeacherConfig, sample_rate: int):
     if cfg.kind in ("none", "npy"):
         return None
     if cfg.kind == "mel":
-        return MelTeacher(sample_rate, cfg.frame_rate, cfg.n_mels)
+        return MelTeacher(sample_rate, cfg.frame_rate, cfg.n_mels, cfg.normalize)
     if cfg.kind == "mimi":
         from moshax.models.mimi.model import load_codec
 
