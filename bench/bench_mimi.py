@@ -28,7 +28,6 @@ REF = Path(os.environ.get("MOSHAX_BENCH_REF", "/work/shared/bench-ref"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, median  # noqa: E402
@@ -117,6 +116,7 @@ def main() -> int:
     import torch
     from safetensors.torch import save_file
 
+    from moshax.inference.bound import BoundModel
     from moshax.interop.mimi_weights import mimi_from_kyutai_state_dict
     from moshax.models.mimi.config import MimiConfig
 
@@ -141,16 +141,16 @@ def main() -> int:
         print(f"reference side (separate process, torch {torch.__version__}, {theirs['threads']} threads): "
               f"{time.perf_counter() - t0:.1f}s")
 
-    # moshax: jax.jit over the split state (nnx.jit re-walks the module graph on every call)
-    graphdef, state = nnx.split(model)
-    encode = jax.jit(lambda st, a: nnx.merge(graphdef, st).encode(a, 8))
-    decode = jax.jit(lambda st, c: nnx.merge(graphdef, st).decode(c))
+    # moshax: weights bound once, transformers in the unstacked inference layout
+    bound = BoundModel(model)
+    encode = bound.jit(lambda m, a: m.encode(a, 8))
+    decode = bound.jit(lambda m, c: m.decode(c))
     x = jnp.asarray(wav)
     t0 = time.perf_counter()
-    codes = encode(state, x).block_until_ready()
+    codes = encode(x).block_until_ready()
     c_enc = time.perf_counter() - t0
     t0 = time.perf_counter()
-    decode(state, codes).block_until_ready()
+    decode(codes).block_until_ready()
     print(f"moshax compile + first call: encode {c_enc:.1f}s, decode {time.perf_counter() - t0:.1f}s")
 
     def timeit(fn):
@@ -162,8 +162,8 @@ def main() -> int:
             out.append(time.perf_counter() - t)
         return out
 
-    ours = {"encode": timeit(lambda: encode(state, x).block_until_ready()),
-            "decode": timeit(lambda: decode(state, codes).block_until_ready())}
+    ours = {"encode": timeit(lambda: encode(x).block_until_ready()),
+            "decode": timeit(lambda: decode(codes).block_until_ready())}
     equal = float(np.mean(np.asarray(codes) == theirs["codes"]))
 
     print()
@@ -176,24 +176,24 @@ def main() -> int:
     print(f"codes equal to the reference's: {100 * equal:.2f}%")
 
     # streaming, one frame at a time
-    enc_step = jax.jit(lambda st, a, s: nnx.merge(graphdef, st).encode_step(a, s, 8))
-    dec_step = jax.jit(lambda st, c, s: nnx.merge(graphdef, st).decode_step(c, s))
-    sstate = model.init_state(1)
+    enc_step = bound.jit(lambda m, a, s: m.encode_step(a, s, 8), donate_argnums=(1,))
+    dec_step = bound.jit(lambda m, c, s: m.decode_step(c, s), donate_argnums=(1,))
+    sstate = jax.tree.map(jnp.copy, bound.model.init_state(1))  # own buffers: the steps donate it
     ours_enc, ours_dec, s_codes = [], [], []
     for i in range(n_total):
         chunk = jnp.asarray(swav[:, :, i * frame:(i + 1) * frame])
         t0 = time.perf_counter()
-        c, sstate = enc_step(state, chunk, sstate)
+        c, sstate = enc_step(chunk, sstate)
         c.block_until_ready()
         t1 = time.perf_counter()
-        a, sstate = dec_step(state, c, sstate)
+        a, sstate = dec_step(c, sstate)
         a.block_until_ready()
         t2 = time.perf_counter()
         s_codes.append(np.asarray(c))
         if i >= args.warmup_frames:
             ours_enc.append(1e3 * (t1 - t0))
             ours_dec.append(1e3 * (t2 - t1))
-    batch_codes = np.asarray(encode(state, jnp.asarray(swav)))
+    batch_codes = np.asarray(encode(jnp.asarray(swav)))
     s_codes = np.concatenate(s_codes, -1)
     match = float(np.mean(s_codes == batch_codes[..., :s_codes.shape[-1]]))
     ref_enc, ref_dec = theirs["stream_encode"], theirs["stream_decode"]

@@ -30,6 +30,7 @@ CONVTR_CASES = [
     (6, 6, 4, 2, 6, False),
     (4, 6, 10, 5, 2, True),
     (4, 2, 3, 3, 1, True),  # kernel == stride: no overlap
+    (4, 6, 7, 3, 2, True),  # kernel not a multiple of the stride
 ]
 
 
@@ -51,16 +52,16 @@ def _np_conv(x, w, b, stride, dilation, groups, pad_mode):
 
 
 def _np_convtr(x, w, b, stride, groups):
-    """Naive causal transposed conv: x [B, T, Ci], w [K, Ci, Co/g] -> [B, T*stride, Co]."""
+    """Naive causal transposed conv: x [B, T, Ci], w [Ci, K, Co/g] -> [B, T*stride, Co]."""
     bsz, t, ci = x.shape
-    k, _, cog = w.shape
+    _, k, cog = w.shape
     cig = ci // groups
     out = np.zeros((bsz, (t - 1) * stride + k, cog * groups))
     for n in range(t):
         for i in range(ci):
             g = i // cig
             for kk in range(k):
-                out[:, n * stride + kk, g * cog:(g + 1) * cog] += x[:, n, i:i + 1] * w[kk, i][None]
+                out[:, n * stride + kk, g * cog:(g + 1) * cog] += x[:, n, i:i + 1] * w[i, kk][None]
     out = out[:, : t * stride]
     return out + (b if b is not None else 0)
 
@@ -126,7 +127,8 @@ def test_param_axes():
     conv = Conv1d(4, 6, 3, groups=2, rngs=nnx.Rngs(0))
     convtr = ConvTranspose1d(4, 6, 4, stride=2, groups=2, rngs=nnx.Rngs(0))
     assert conv.weight.shape == (3, 2, 6) and conv.weight.get_metadata()["axes"] == ("conv_k", "conv_in", "conv_out")
-    assert convtr.weight.shape == (4, 4, 3) and convtr.bias.get_metadata()["axes"] == ("conv_out",)
+    assert convtr.weight.shape == (4, 4, 3) and convtr.weight.get_metadata()["axes"] == ("conv_in", "conv_k", "conv_out")
+    assert convtr.bias.get_metadata()["axes"] == ("conv_out",)
 
 
 def test_against_kyutai_streaming_convs():
@@ -156,7 +158,7 @@ def test_against_kyutai_streaming_convs():
     for ci, co, k, s, g, bias in CONVTR_CASES:
         ref = StreamingConvTranspose1d(ci, co, k, s, groups=g, bias=bias, causal=True)
         convtr = ConvTranspose1d(ci, co, k, stride=s, groups=g, bias=bias, rngs=nnx.Rngs(0))
-        convtr.weight[...] = jnp.asarray(ref.convtr.convtr.weight.detach().numpy().transpose(2, 0, 1))
+        convtr.weight[...] = jnp.asarray(ref.convtr.convtr.weight.detach().numpy().transpose(0, 2, 1))
         if bias:
             convtr.bias[...] = jnp.asarray(ref.convtr.convtr.bias.detach().numpy())
         x = rng.standard_normal((2, ci, 7)).astype(np.float32)

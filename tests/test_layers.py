@@ -123,6 +123,31 @@ def test_scanned_stack_equals_layer_by_layer_loop():
     np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-6)
 
 
+def test_unstacked_inference_layout_equals_stacked():
+    """unstack_for_inference: per-layer arrays run by a loop give the scanned stack's outputs, in
+    one pass and chunk by chunk through per-layer KV caches; the original model is untouched."""
+    from moshax.inference.bound import BoundModel
+
+    stack = Transformer(_tiny_cfg(layer_scale=0.5, context=4), rngs=nnx.Rngs(0))
+    bound = BoundModel(stack)
+    unstacked = bound.model
+    assert unstacked.unstacked and not stack.unstacked
+    assert isinstance(unstacked.init_cache(2), list) and len(unstacked.init_cache(2)) == 3
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 9, 16)).astype(np.float32))
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    want, _ = stack(x, pos)
+    got, _ = bound.jit(lambda m, x, p: m(x, p))(x, pos)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    step = bound.jit(lambda m, x, p, c: m(x, p, c), donate_argnums=(2,))
+    ref_step = nnx.jit(lambda m, x, p, c: m(x, p, c))
+    cache, ref_cache = jax.tree.map(jnp.copy, unstacked.init_cache(2)), stack.init_cache(2)
+    for t0 in range(0, 9, 3):  # the context (4) wraps the ring buffers
+        y, cache = step(x[:, t0:t0 + 3], pos[:, t0:t0 + 3], cache)
+        y_ref, ref_cache = ref_step(stack, x[:, t0:t0 + 3], pos[:, t0:t0 + 3], ref_cache)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(y, want[:, t0:t0 + 3], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_with_no_batch_dims"])
 def test_remat_policies_give_same_gradients(policy):
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 6, 16)).astype(np.float32))

@@ -18,7 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from moshax.inference.bound import BoundModel
 
 
 class CodecRunner:
@@ -32,16 +33,18 @@ class CodecRunner:
 
             raise ConfigError(f"--num-codebooks {k}: this Mimi has {q.n_q} codebooks "
                               f"(use {q.n_q_semantic}..{q.n_q})")
-        self.mimi = mimi
+        bound = BoundModel(mimi)  # weights bound once, transformers in the inference layout
+        self.mimi = bound.model
         self.num_codebooks = k
         self.chunk_frames = int(chunk_frames)
         self.frame_size = mimi.frame_size
         self.sample_rate = mimi.cfg.sample_rate
-        # jax.jit over the split state: nnx.jit re-walks the module graph on every call (tens of
-        # ms for the full Mimi, more than a streamed frame's compute)
-        graphdef, self._state = nnx.split(mimi)
-        self._enc = jax.jit(lambda st, x, s: nnx.merge(graphdef, st).encode_step(x, s, k))
-        self._dec = jax.jit(lambda st, c, s: nnx.merge(graphdef, st).decode_step(c, s))
+        self._enc = bound.jit(lambda m, x, s: m.encode_step(x, s, k), donate_argnums=(1,))
+        self._dec = bound.jit(lambda m, c, s: m.decode_step(c, s), donate_argnums=(1,))
+
+    def _fresh_state(self):
+        """A new streaming state, every leaf its own buffer (the steps donate it)."""
+        return jax.tree.map(jnp.copy, self.mimi.init_state(1))
 
     def frames_for(self, num_samples: int) -> int:
         return max(1, math.ceil(num_samples / self.frame_size))
@@ -53,11 +56,11 @@ class CodecRunner:
         n = self.chunk_frames * self.frame_size
         total = -(-frames // self.chunk_frames) * n
         x = np.pad(x, (0, total - x.shape[0]))
-        state = self.mimi.init_state(1)
+        state = self._fresh_state()
         out = []
         for start in range(0, total, n):
             chunk = jnp.asarray(x[start:start + n])[None, None]
-            codes, state = self._enc(self._state, chunk, state)
+            codes, state = self._enc(chunk, state)
             out.append(np.asarray(codes[0]))
         return np.concatenate(out, axis=-1)[:, :frames].astype(np.int32)
 
@@ -67,10 +70,10 @@ class CodecRunner:
         frames = c.shape[-1]
         total = -(-frames // self.chunk_frames) * self.chunk_frames
         c = np.pad(c, ((0, 0), (0, total - frames)))
-        state = self.mimi.init_state(1)
+        state = self._fresh_state()
         out = []
         for start in range(0, total, self.chunk_frames):
-            audio, state = self._dec(self._state, jnp.asarray(c[:, start:start + self.chunk_frames])[None], state)
+            audio, state = self._dec(jnp.asarray(c[:, start:start + self.chunk_frames])[None], state)
             out.append(np.asarray(audio[0, 0]))
         return np.concatenate(out)[: frames * self.frame_size].astype(np.float32)
 

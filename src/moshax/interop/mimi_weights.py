@@ -51,7 +51,7 @@ def _to_ours(kind: str, a: np.ndarray, heads: int) -> np.ndarray:
     if kind == "conv":
         return a.transpose(2, 1, 0)
     if kind == "convtr":
-        return a.transpose(2, 0, 1)
+        return a.transpose(0, 2, 1)
     if kind == "linear":
         return a.T
     if kind == "proj":
@@ -71,7 +71,7 @@ def _to_theirs(kind: str, a: np.ndarray) -> np.ndarray:
     if kind == "conv":
         return a.transpose(2, 1, 0)
     if kind == "convtr":
-        return a.transpose(1, 2, 0)
+        return a.transpose(0, 2, 1)
     if kind == "linear":
         return a.T
     if kind == "proj":

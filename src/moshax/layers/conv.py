@@ -4,8 +4,12 @@ Layout: **channels-last**, ``x [B, T, C]``. Parameters (logical axis names in th
 
 * :class:`Conv1d` weight ``[K, C_in // groups, C_out]`` (``conv_k, conv_in, conv_out``), bias ``[C_out]``.
   Kyutai/PyTorch stores ``[C_out, C_in // groups, K]``: ours is ``w.transpose(2, 1, 0)``.
-* :class:`ConvTranspose1d` weight ``[K, C_in, C_out // groups]`` (``conv_k, conv_in, conv_out``),
-  bias ``[C_out]``. PyTorch stores ``[C_in, C_out // groups, K]``: ours is ``w.transpose(2, 0, 1)``.
+* :class:`ConvTranspose1d` weight ``[C_in, K, C_out // groups]`` (``conv_in, conv_k, conv_out``),
+  bias ``[C_out]``. PyTorch stores ``[C_in, C_out // groups, K]``: ours is ``w.transpose(0, 2, 1)``.
+  This layout makes the transposed convolution one matmul ``[B*T, C_in] @ [C_in, K*C_out]`` and
+  an overlap-add, with no copy of the weight: XLA's dilated-input convolution spends ``stride``
+  times the FLOPs, and a one-frame streaming step of Mimi's 1024->512 x16 upsampler took 28 ms
+  that way on a 2-core CPU, 1.3 ms as a matmul.
 
 Causality (what the reference does, batch and streaming alike):
 
@@ -145,21 +149,34 @@ class ConvTranspose1d(nnx.Module):
         self.dtype = dtype
         self.trim = kernel_size - stride
         bound = (out_channels // groups * kernel_size) ** -0.5  # PyTorch's fan-in for transposed convs
-        self.weight = param(rngs, _uniform(bound), (kernel_size, in_channels, out_channels // groups),
-                            ("conv_k", "conv_in", "conv_out"), param_dtype)
+        self.weight = param(rngs, _uniform(bound), (in_channels, kernel_size, out_channels // groups),
+                            ("conv_in", "conv_k", "conv_out"), param_dtype)
         self.bias = param(rngs, _uniform(bound), (out_channels,), ("conv_out",), param_dtype) if bias else None
 
     def _full(self, x):
-        """Full transposed convolution without bias: [B, T, C_in] -> [B, (T - 1) * stride + K, C_out]."""
+        """Full transposed convolution without bias: [B, T, C_in] -> [B, (T - 1) * stride + K, C_out].
+
+        Every input step t adds ``x[t] @ w[:, k]`` at output ``t * stride + k``: one matmul gives
+        all ``K`` taps per step, grouped by stride into ``ceil(K / stride)`` blocks, and block j
+        of step t lands on output block ``t + j`` (a shifted sum)."""
         if x.ndim != 3 or x.shape[-1] != self.in_channels:
             raise ValueError(f"ConvTranspose1d expects [B, T, {self.in_channels}], got {x.shape}")
-        k, g = self.kernel_size, self.groups
-        w = self.weight[...].astype(self.dtype)[::-1]  # [K, C_in, C_out/g], flipped in time
-        w = w.reshape(k, g, self.in_channels // g, self.out_channels // g).transpose(0, 2, 1, 3)
-        w = w.reshape(k, self.in_channels // g, self.out_channels)
-        return jax.lax.conv_general_dilated(
-            x.astype(self.dtype), w, window_strides=(1,), padding=[(k - 1, k - 1)],
-            lhs_dilation=(self.stride,), dimension_numbers=_DN, feature_group_count=g)
+        b, t, _ = x.shape
+        k, s, g = self.kernel_size, self.stride, self.groups
+        w = self.weight[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        if g == 1:
+            taps = (x.reshape(b * t, -1) @ w.reshape(self.in_channels, k * self.out_channels))
+        else:
+            cig, cog = self.in_channels // g, self.out_channels // g
+            taps = jnp.einsum("ngc,gcko->nkgo", x.reshape(b * t, g, cig), w.reshape(g, cig, k, cog))
+        taps = taps.reshape(b, t, k, self.out_channels)
+        m = -(-k // s)  # blocks of `stride` taps
+        if m * s != k:
+            taps = jnp.pad(taps, ((0, 0), (0, 0), (0, m * s - k), (0, 0)))
+        taps = taps.reshape(b, t, m, s, self.out_channels)
+        y = sum(jnp.pad(taps[:, :, j], ((0, 0), (j, m - 1 - j), (0, 0), (0, 0))) for j in range(m))
+        return y.reshape(b, (t + m - 1) * s, self.out_channels)[:, : (t - 1) * s + k]
 
     def _bias(self, y):
         return y + self.bias[...].astype(self.dtype) if self.bias is not None else y

@@ -1,0 +1,1 @@
+"""Inference helpers shared by the codec runner, benchmarks and (later) the streaming decoder."""
