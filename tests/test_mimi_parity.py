@@ -377,8 +377,9 @@ from moshax.models.mimi.quantizer import (  # noqa: E402
 
 
 def test_rvq_train_step_matches_reference(tiny):
-    """One train-mode forward of Kyutai's split RVQ (initialized codebooks, no dead-code check):
-    same output, codes, penalty and EMA statistics."""
+    """One train-mode forward of Kyutai's split RVQ (initialized codebooks, no dead-code check)
+    with the run-time number of codebooks below n_q: same output, codes, penalty and EMA
+    statistics (levels past num_codebooks neither used nor updated, on both sides)."""
     cfg, ref, model, _ = tiny
     torch, _, _ = _reference()
     rq = copy.deepcopy(ref.quantizer)
@@ -386,7 +387,9 @@ def test_rvq_train_step_matches_reference(tiny):
     for branch in (rq.rvq_first, rq.rvq_rest):
         for layer in branch.vq.layers:
             layer._codebook._next_unused_check = 10 ** 9
-    rq.set_num_codebooks(cfg.quantizer.n_q)
+    k = model.quantizer.cfg.num_codebooks
+    assert k < cfg.quantizer.n_q
+    rq.set_num_codebooks(k)
     latent = nnx.jit(lambda m, a: m.encode_latent(a))(model, jnp.asarray(synth_audio(1.2, seed=12, batch=2)))
     x = np.asarray(latent).transpose(0, 2, 1).copy()  # [B, D, T] as the reference takes it
     with torch.no_grad():

@@ -199,7 +199,7 @@ def rvq_train(stats: CodebookStats, z, key, *, cfg: QuantizerConfig, n_active=No
 
 class QuantizerTrainOutput(NamedTuple):
     quantized: jax.Array  # [B, T, D] straight-through, both branches summed
-    codes: jax.Array  # [B, n_q, T]
+    codes: jax.Array  # [B, num_codebooks, T]
     penalty: jax.Array  # commitment loss, renormalised over the levels used
     metrics: dict
     semantic: jax.Array  # [B, T, D] the rvq_first branch alone (distillation target)
@@ -227,9 +227,11 @@ class ResidualVQ(nnx.Module):
         return CodebookStats(self.embedding_sum[...], self.cluster_usage[...], self.initialized[...])
 
     def set_stats(self, stats: CodebookStats) -> None:
-        self.embedding_sum[...] = stats.embedding_sum
-        self.cluster_usage[...] = stats.cluster_usage
-        self.initialized[...] = stats.initialized
+        """Write the statistics of the first ``len(stats)`` levels (the others are kept)."""
+        n = stats.initialized.shape[0]
+        for var, new in ((self.embedding_sum, stats.embedding_sum), (self.cluster_usage, stats.cluster_usage),
+                         (self.initialized, stats.initialized)):
+            var[...] = new if n == var.shape[0] else var[...].at[:n].set(new)
 
     def codebooks(self, n: int | None = None):
         """Centroids of the first ``n`` levels, [n, bins, dim] float32."""
@@ -310,24 +312,30 @@ class SplitResidualVQ(nnx.Module):
                             dropout: bool = True) -> "QuantizerTrainOutput":
         """:meth:`train_forward`, also giving ``semantic``: the ``rvq_first`` branch's projected
         (straight-through) output [B, T, D], the target of semantic distillation. ``dropout=False``
-        uses every level whatever ``q_dropout`` says (evaluation)."""
+        uses every level whatever ``q_dropout`` says (evaluation).
+
+        Only the ``num_codebooks`` levels in use are trained (as Kyutai's, whose training forward
+        runs its run-time ``n_q``): the released Mimi has 32 levels and uses 8."""
         cfg = self.cfg
         b, t, _ = x.shape
         k_first, k_rest, k_drop = jax.random.split(key, 3)
-        n_rest = cfg.n_q - cfg.n_q_semantic
+        n_rest = cfg.num_codebooks - cfg.n_q_semantic
         n_active = jax.random.randint(k_drop, (), 1, n_rest + 1) if cfg.q_dropout and dropout else n_rest
         check = (jnp.asarray(step) % cfg.check_unused_every) == cfg.check_unused_every - 1
         outs = []
         for branch, k, n in ((self.rvq_first, k_first, None), (self.rvq_rest, k_rest, n_active)):
             z = branch.project_in(x).reshape(b * t, -1)
-            out = rvq_train(branch.stats(), z, k, cfg=cfg, n_active=n, check_dead=check)
+            stats = branch.stats()
+            if n is not None:
+                stats = jax.tree.map(lambda a: a[:n_rest], stats)
+            out = rvq_train(stats, z, k, cfg=cfg, n_active=n, check_dead=check)
             if update_stats:
                 branch.set_stats(out.stats)
             outs.append(out)
         first, rest = outs
         semantic = self.rvq_first.project_out(first.quantized.reshape(b, t, -1))
         quantized = semantic + self.rvq_rest.project_out(rest.quantized.reshape(b, t, -1))
-        codes = jnp.concatenate([first.codes, rest.codes], axis=0).reshape(cfg.n_q, b, t).transpose(1, 0, 2)
+        codes = jnp.concatenate([first.codes, rest.codes], axis=0).reshape(cfg.num_codebooks, b, t).transpose(1, 0, 2)
         ns = float(cfg.n_q_semantic)
         na = jnp.asarray(n_active, jnp.float32)
         total = ns + na
