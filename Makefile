@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= data
 WORKDIR ?= runs/helium_tiny
 
-.PHONY: install quickstart data test test-slow bench clean
+.PHONY: install quickstart moshi-quickstart data test test-slow bench clean
 
 $(BIN)/moshax: pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=..." >&2; exit 1; }
@@ -29,6 +29,17 @@ data: $(DATA)/tokenizer/spm.model
 
 quickstart: install data
 	$(BIN)/moshax train --config configs/helium_tiny.yaml --workdir $(WORKDIR)
+
+# Moshi LM quickstart: structured synthetic 17-stream shards (text from the built-in corpus),
+# then moshi_tiny warm-started from the helium_tiny run of `make quickstart`
+$(DATA)/moshi_tiny/train/manifest.json: $(DATA)/tokenizer/spm.model
+	$(BIN)/python -m data_pipeline.multistream synth --output $(DATA)/moshi_tiny/train --examples 2048 \
+		--text-from $(DATA)/corpus/train.txt --tokenizer $(DATA)/tokenizer/spm.model
+	$(BIN)/python -m data_pipeline.multistream synth --output $(DATA)/moshi_tiny/eval --examples 64 --seed 1 \
+		--text-from $(DATA)/corpus/eval.txt --tokenizer $(DATA)/tokenizer/spm.model
+
+moshi-quickstart: quickstart $(DATA)/moshi_tiny/train/manifest.json
+	$(BIN)/moshax train --config configs/moshi_tiny.yaml model.init_from=$(WORKDIR)
 
 test: install
 	$(BIN)/python -m pytest -q
