@@ -45,6 +45,18 @@ class KVCache(NamedTuple):
         )
 
 
+def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, causal: bool):
+    """Attention of this chunk's queries over the cached keys/values (if any) and its own;
+    returns (out [B, T, H, D], the cache with this chunk written, or None)."""
+    if cache is None:
+        return attention(q, k, v, positions, positions, context=context, causal=causal), None
+    keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+    k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+    out = attention(q, keys, values, positions, k_pos, context=context, causal=causal)
+    return out, cache.write(k, v, positions)
+
+
 class MultiHeadAttention(nnx.Module):
     """Fused qkv projection [embed, 3, heads, head_dim] (q, k, v blocks, heads contiguous)."""
 
@@ -72,14 +84,7 @@ class MultiHeadAttention(nnx.Module):
         if self.rope:
             q = apply_rope(q, positions, self.max_period)
             k = apply_rope(k, positions, self.max_period)
-        if cache is None:
-            keys, values, k_pos, new_cache = k, v, positions, None
-        else:
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-            new_cache = cache.write(k, v, positions)
-        out = attention(q, keys, values, positions, k_pos, context=self.context, causal=self.causal)
+        out, new_cache = attend(q, k, v, positions, cache, context=self.context, causal=self.causal)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         y = jnp.einsum("bthk,hkd->btd", out, self.out_proj[...].astype(self.dtype))
         return y, new_cache

@@ -112,18 +112,22 @@ class Transformer(nnx.Module):
                 x, layer_cache = block(x, positions, layer_cache)
                 new.append(layer_cache)
             return x, (None if cache is None else new)
-        graphdef, state = nnx.split(self.layers)
+        return scan_layers(self.layers, x, cache, self.cfg.remat, lambda layer, h, c: layer(h, positions, c))
 
-        def body(carry, xs):
-            layer_state, layer_cache = xs
-            y, new_cache = nnx.merge(graphdef, layer_state)(carry, positions, layer_cache)
-            return y, new_cache
 
-        policy = self.cfg.remat
-        if policy != "none":
-            body = jax.checkpoint(body, policy=REMAT[policy], prevent_cse=False)
-        x, new_cache = jax.lax.scan(body, x, (state, cache))
-        return x, new_cache
+def scan_layers(layers: nnx.Module, x, cache, remat: str, apply):
+    """Run stacked ``layers`` over x with ``lax.scan`` (one traced layer whatever the depth):
+    ``apply(layer, h, layer_cache) -> (h, new_layer_cache)``, rematerialized per ``remat``.
+    Returns (x, the stacked new caches or None)."""
+    graphdef, state = nnx.split(layers)
+
+    def body(carry, xs):
+        layer_state, layer_cache = xs
+        return apply(nnx.merge(graphdef, layer_state), carry, layer_cache)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (state, cache))
 
 
 def unstack_for_inference(model: nnx.Module) -> nnx.Module:

@@ -30,12 +30,12 @@ from flax import nnx
 
 from moshax.config import TransformerConfig
 from moshax.kernels.attention import attention
-from moshax.layers.attention import KVCache
+from moshax.layers.attention import KVCache, attend
 from moshax.layers.mlp import ACTIVATIONS
 from moshax.layers.norms import make_norm
 from moshax.layers.params import constant, normal, param
 from moshax.layers.rope import apply_rope
-from moshax.layers.transformer import REMAT
+from moshax.layers.transformer import REMAT, scan_layers
 from moshax.parallel.sharding import constrain
 
 STEP_AXIS = "depth_steps"
@@ -101,15 +101,8 @@ class DepformerLayer(nnx.Module):
         if cfg.positional == "rope":
             q = apply_rope(q, positions, cfg.max_period)
             k = apply_rope(k, positions, cfg.max_period)
-        if cache is None:
-            keys, values, k_pos, new_cache = k, v, positions, None
-        else:
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-            new_cache = cache.write(k, v, positions)
         # The reference drops the depformer's context (kwargs_dep["context"] = None): causal only.
-        out = attention(q, keys, values, positions, k_pos, context=None, causal=cfg.causal)
+        out, new_cache = attend(q, k, v, positions, cache, context=None, causal=cfg.causal)
         w_out, per = _weights_for(self.self_attn.out_proj[...], widx)
         y = jnp.einsum("nshk,shkd->nsd" if per else "nshk,hkd->nsd", out, w_out.astype(dt))
         if self.layer_scale_1 is not None:
@@ -255,18 +248,8 @@ class Depformer(nnx.Module):
             pos = jnp.asarray(steps, jnp.int32).reshape(s)
         widx = self.weight_index(steps)
         positions = jnp.broadcast_to(pos, (n, s))
-        graphdef, state = nnx.split(self.layers)
-
-        def body(carry, xs):
-            layer_state, layer_cache = xs
-            y, new_cache = nnx.merge(graphdef, layer_state)(carry, positions, widx, layer_cache)
-            return y, new_cache
-
-        policy = self.cfg.remat
-        if policy != "none":
-            body = jax.checkpoint(body, policy=REMAT[policy], prevent_cse=False)
-        x, new_cache = jax.lax.scan(body, x, (state, cache))
-        return x, new_cache
+        return scan_layers(self.layers, x, cache, self.cfg.remat,
+                           lambda layer, h, c: layer(h, positions, widx, c))
 
     def _train_step_major(self, x):
         s, n, _ = x.shape
