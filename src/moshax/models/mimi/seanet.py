@@ -112,7 +112,24 @@ class DecoderBlock(_Streaming):
         return x, None if state is None else {"up": su, "res": res_states}
 
 
-class SEANetEncoder(_Streaming):
+class _SEANetStack(_Streaming):
+    """conv_in -> blocks -> ELU -> conv_out, batch or streaming (the encoder and the decoder)."""
+
+    def init_state(self, batch: int):
+        return {"conv_in": self.conv_in.init_state(batch), "blocks": [b.init_state(batch) for b in self.blocks],
+                "conv_out": self.conv_out.init_state(batch)}
+
+    def _run(self, x, state):
+        x, s_in = _apply(self.conv_in, x, None if state is None else state["conv_in"])
+        block_states = []
+        for i, b in enumerate(self.blocks):
+            x, s = b._run(x, None if state is None else state["blocks"][i])
+            block_states.append(s)
+        x, s_out = _apply(self.conv_out, jax.nn.elu(x, self.alpha), None if state is None else state["conv_out"])
+        return x, None if state is None else {"conv_in": s_in, "blocks": block_states, "conv_out": s_out}
+
+
+class SEANetEncoder(_SEANetStack):
     """Audio [B, T, channels] -> latent [B, T // hop, dimension]."""
 
     def __init__(self, cfg: SEANetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -128,21 +145,8 @@ class SEANetEncoder(_Streaming):
         self.blocks = nnx.List(blocks)
         self.conv_out = Conv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size, **kw)
 
-    def init_state(self, batch: int):
-        return {"conv_in": self.conv_in.init_state(batch), "blocks": [b.init_state(batch) for b in self.blocks],
-                "conv_out": self.conv_out.init_state(batch)}
 
-    def _run(self, x, state):
-        x, s_in = _apply(self.conv_in, x, None if state is None else state["conv_in"])
-        block_states = []
-        for i, b in enumerate(self.blocks):
-            x, s = b._run(x, None if state is None else state["blocks"][i])
-            block_states.append(s)
-        x, s_out = _apply(self.conv_out, jax.nn.elu(x, self.alpha), None if state is None else state["conv_out"])
-        return x, None if state is None else {"conv_in": s_in, "blocks": block_states, "conv_out": s_out}
-
-
-class SEANetDecoder(_Streaming):
+class SEANetDecoder(_SEANetStack):
     """Latent [B, T, dimension] -> audio [B, T * hop, channels]."""
 
     def __init__(self, cfg: SEANetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -158,16 +162,3 @@ class SEANetDecoder(_Streaming):
             mult //= 2
         self.blocks = nnx.List(blocks)
         self.conv_out = Conv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size, **kw)
-
-    def init_state(self, batch: int):
-        return {"conv_in": self.conv_in.init_state(batch), "blocks": [b.init_state(batch) for b in self.blocks],
-                "conv_out": self.conv_out.init_state(batch)}
-
-    def _run(self, x, state):
-        x, s_in = _apply(self.conv_in, x, None if state is None else state["conv_in"])
-        block_states = []
-        for i, b in enumerate(self.blocks):
-            x, s = b._run(x, None if state is None else state["blocks"][i])
-            block_states.append(s)
-        x, s_out = _apply(self.conv_out, jax.nn.elu(x, self.alpha), None if state is None else state["conv_out"])
-        return x, None if state is None else {"conv_in": s_in, "blocks": block_states, "conv_out": s_out}
