@@ -83,3 +83,23 @@ def test_user_errors_are_one_line(corpus, tmp_path, extra, message):
 def test_missing_config_file(tmp_path):
     r = moshax("train", "--config", tmp_path / "nope.yaml")
     assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_absent_tpu_means_cpu(monkeypatch):
+    """libtpu installed on a machine with no TPU: the CLI picks the CPU platform (no page of
+    libtpu metadata warnings on every command); an explicit JAX_PLATFORMS is left alone."""
+    import glob
+    from importlib.util import find_spec
+
+    from moshax.cli import _skip_absent_tpu
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    _skip_absent_tpu()
+    assert os.environ["JAX_PLATFORMS"] == "cuda"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    _skip_absent_tpu()
+    if (find_spec("libtpu") is None or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+            or find_spec("jax_cuda12_plugin") or find_spec("jax_cuda13_plugin")):
+        assert "JAX_PLATFORMS" not in os.environ
+    else:
+        assert os.environ["JAX_PLATFORMS"] == "cpu"

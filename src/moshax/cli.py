@@ -235,7 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (the ``[tpu]`` extra) but no TPU in the machine, JAX probes for one
+    at start-up and libtpu prints a page of metadata-server warnings on every command. There,
+    and unless ``JAX_PLATFORMS`` says otherwise (or a CUDA plugin is installed), use the CPU.
+    ``moshax compile`` still compiles for TPU topologies: that path does not need the platform."""
+    import glob
+    import os
+    from importlib.util import find_spec
+
+    if "JAX_PLATFORMS" in os.environ or find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _skip_absent_tpu()
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = _user_errors()
