@@ -40,8 +40,10 @@ eval`` and ``moshax mimi`` read them with ``--checkpoint``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,8 @@ class ModelCheckpoint:
     def _state_tree(self):
         import orbax.checkpoint as ocp
 
-        md = ocp.PyTreeCheckpointer().metadata(self.step_dir / "state")
+        with _quiet_orbax():
+            md = ocp.PyTreeCheckpointer().metadata(self.step_dir / "state")
         tree = getattr(md, "item_metadata", md)
         return getattr(tree, "tree", tree)
 
@@ -128,8 +131,22 @@ class ModelCheckpoint:
             target["rest"] = rest_target
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                       partial_restore=True)
-        out = ocp.PyTreeCheckpointer().restore(self.step_dir / "state", args=args)
+        with _quiet_orbax():
+            out = ocp.PyTreeCheckpointer().restore(self.step_dir / "state", args=args)
         return out["params"], out.get("rest", {}) if rest_target else {}
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax looks for the step metadata inside the item dir it is given (it lives one level up,
+    in the step dir) and logs a warning that means nothing here: hide absl warnings meanwhile."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
 
 
 def _steps(directory: Path) -> list[int]:
