@@ -178,7 +178,7 @@ def main() -> int:
     # streaming, one frame at a time
     enc_step = bound.jit(lambda m, a, s: m.encode_step(a, s, 8), donate_argnums=(1,))
     dec_step = bound.jit(lambda m, c, s: m.decode_step(c, s), donate_argnums=(1,))
-    sstate = jax.tree.map(jnp.copy, bound.model.init_state(1))  # own buffers: the steps donate it
+    sstate = bound.model.init_state(1)
     ours_enc, ours_dec, s_codes = [], [], []
     for i in range(n_total):
         chunk = jnp.asarray(swav[:, :, i * frame:(i + 1) * frame])

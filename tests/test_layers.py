@@ -140,7 +140,7 @@ def test_unstacked_inference_layout_equals_stacked():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     step = bound.jit(lambda m, x, p, c: m(x, p, c), donate_argnums=(2,))
     ref_step = nnx.jit(lambda m, x, p, c: m(x, p, c))
-    cache, ref_cache = jax.tree.map(jnp.copy, unstacked.init_cache(2)), stack.init_cache(2)
+    cache, ref_cache = unstacked.init_cache(2), stack.init_cache(2)
     for t0 in range(0, 9, 3):  # the context (4) wraps the ring buffers
         y, cache = step(x[:, t0:t0 + 3], pos[:, t0:t0 + 3], cache)
         y_ref, ref_cache = ref_step(stack, x[:, t0:t0 + 3], pos[:, t0:t0 + 3], ref_cache)

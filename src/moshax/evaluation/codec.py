@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-import jax
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,10 +42,6 @@ class CodecRunner:
         self._enc = bound.jit(lambda m, x, s: m.encode_step(x, s, k), donate_argnums=(1,))
         self._dec = bound.jit(lambda m, c, s: m.decode_step(c, s), donate_argnums=(1,))
 
-    def _fresh_state(self):
-        """A new streaming state, every leaf its own buffer (the steps donate it)."""
-        return jax.tree.map(jnp.copy, self.mimi.init_state(1))
-
     def frames_for(self, num_samples: int) -> int:
         return max(1, math.ceil(num_samples / self.frame_size))
 
@@ -56,7 +52,7 @@ class CodecRunner:
         n = self.chunk_frames * self.frame_size
         total = -(-frames // self.chunk_frames) * n
         x = np.pad(x, (0, total - x.shape[0]))
-        state = self._fresh_state()
+        state = self.mimi.init_state(1)
         out = []
         for start in range(0, total, n):
             chunk = jnp.asarray(x[start:start + n])[None, None]
@@ -70,7 +66,7 @@ class CodecRunner:
         frames = c.shape[-1]
         total = -(-frames // self.chunk_frames) * self.chunk_frames
         c = np.pad(c, ((0, 0), (0, total - frames)))
-        state = self._fresh_state()
+        state = self.mimi.init_state(1)
         out = []
         for start in range(0, total, self.chunk_frames):
             audio, state = self._dec(jnp.asarray(c[:, start:start + self.chunk_frames])[None], state)

@@ -2,7 +2,7 @@
 
 ``nnx.jit(fn)(model, x)`` re-walks the module graph on every call, and ``jax.jit`` over an
 ``nnx.State`` flattens every Variable in Python: for Mimi's 88 weights either costs milliseconds
-per call, as much as a streamed frame's compute. :func:`bind` flattens the weights once into a
+per call, as much as a streamed frame's compute. :class:`BoundModel` flattens the weights once into a
 list of arrays (flattened in C++ per call) and, by default, switches the model's transformers to
 the unstacked inference layout (see :mod:`moshax.layers.transformer`).
 """

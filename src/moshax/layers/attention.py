@@ -28,8 +28,8 @@ class KVCache(NamedTuple):
 
     @staticmethod
     def empty(batch: int, capacity: int, heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-        z = jnp.zeros((batch, capacity, heads, head_dim), dtype)
-        return KVCache(z, z, jnp.full((batch, capacity), -1, jnp.int32))
+        shape = (batch, capacity, heads, head_dim)  # k and v their own buffers (a step may donate them)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, capacity), -1, jnp.int32))
 
     def write(self, k, v, positions) -> "KVCache":
         """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity``."""

@@ -100,7 +100,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         one = KVCache.empty(batch, capacity or cfg.context, cfg.num_heads, cfg.head_dim, dtype or self.dtype)
         if self.unstacked:
-            return [jax.tree.map(jnp.copy, one) for _ in range(cfg.num_layers)]
+            return [one] + [jax.tree.map(jnp.copy, one) for _ in range(cfg.num_layers - 1)]
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers,) + a.shape), one)
 
     def __call__(self, x, positions, cache: KVCache | list[KVCache] | None = None):
