@@ -14,6 +14,8 @@ from moshax.config import TransformerConfig, to_dict
 from moshax.models.mimi.config import MimiConfig, QuantizerConfig, SEANetConfig
 from moshax.models.mimi.model import Mimi, load_codec
 
+from helpers import draw_codebooks
+
 SR = 24000
 
 
@@ -37,20 +39,7 @@ def tone(seconds, sr=SR, channels=1, seed=0):
 def random_codec(cfg, seed=0) -> Mimi:
     """Random weights, codebooks drawn at the scale of the latents (many distinct codes)."""
     model = Mimi(cfg, rngs=nnx.Rngs(seed))
-    latent = nnx.jit(lambda m, a: m.encode_latent(a))(model, jnp.asarray(tone(1.6, seed=seed)[None]))
-    rng = np.random.default_rng(seed)
-    for branch in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
-        residual = np.asarray(branch.project_in(latent)).reshape(-1, cfg.quantizer.dimension)
-        sums = []
-        for _ in range(branch.n_levels):  # each level: picks of the residual reaching it, + noise
-            emb = residual[rng.integers(0, len(residual), cfg.quantizer.bins)]
-            emb = emb + 0.3 * residual.std(0) * rng.standard_normal(emb.shape)
-            sums.append(emb)
-            d = (emb ** 2).sum(-1)[None] - 2 * residual @ emb.T
-            residual = residual - emb[d.argmin(-1)]
-        branch.embedding_sum[...] = jnp.asarray(np.stack(sums), jnp.float32)
-        branch.initialized[...] = jnp.ones_like(branch.initialized[...])
-    return model
+    return draw_codebooks(model, tone(1.6, seed=seed)[None], np.random.default_rng(seed))
 
 
 @pytest.fixture(scope="module")

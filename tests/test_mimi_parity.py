@@ -21,6 +21,8 @@ from moshax.interop.mimi_weights import (
 from moshax.models.mimi.config import MimiConfig, QuantizerConfig, SEANetConfig
 from moshax.models.mimi.model import Mimi
 
+from helpers import draw_codebooks
+
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SR = 24000
@@ -165,19 +167,7 @@ def random_mimi(cfg: MimiConfig, seed: int = 0) -> Mimi:
             fan_in = dims[0] if name == "in_proj" else int(np.prod(dims[:-1])) if len(dims) > 1 else 16
             value = rng.standard_normal(shape) / np.sqrt(fan_in)
         var.set_value(jnp.asarray(value, var.get_value().dtype))
-    latent = nnx.jit(lambda m, a: m.encode_latent(a))(model, jnp.asarray(synth_audio(4.8, seed=100, batch=2)))
-    for branch in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
-        residual = np.asarray(branch.project_in(latent)).reshape(-1, cfg.quantizer.dimension)
-        sums = []
-        for _ in range(branch.n_levels):
-            emb = residual[rng.integers(0, len(residual), cfg.quantizer.bins)]
-            emb = emb + 0.3 * residual.std(0) * rng.standard_normal(emb.shape)
-            sums.append(emb)
-            d = (emb ** 2).sum(-1)[None] - 2 * residual @ emb.T
-            residual = residual - emb[d.argmin(-1)]
-        branch.embedding_sum[...] = jnp.asarray(np.stack(sums), jnp.float32)
-        branch.initialized[...] = jnp.ones((branch.n_levels,), jnp.float32)
-    return model
+    return draw_codebooks(model, synth_audio(4.8, seed=100, batch=2), rng)
 
 
 def check_parity(cfg, ref, model, audio, min_distinct):
