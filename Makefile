@@ -33,13 +33,13 @@ quickstart: install data
 # Moshi LM quickstart: structured synthetic 17-stream shards (text from the built-in corpus),
 # then moshi_tiny warm-started from the helium_tiny run of `make quickstart`
 $(DATA)/moshi_tiny/train/manifest.json: $(DATA)/tokenizer/spm.model
-	$(BIN)/python -m data_pipeline.multistream synth --output $(DATA)/moshi_tiny/train --examples 2048 \
+	$(BIN)/moshax data synth-multistream --output $(DATA)/moshi_tiny/train --examples 2048 \
 		--text-from $(DATA)/corpus/train.txt --tokenizer $(DATA)/tokenizer/spm.model
-	$(BIN)/python -m data_pipeline.multistream synth --output $(DATA)/moshi_tiny/eval --examples 64 --seed 1 \
+	$(BIN)/moshax data synth-multistream --output $(DATA)/moshi_tiny/eval --examples 64 --seed 1 \
 		--text-from $(DATA)/corpus/eval.txt --tokenizer $(DATA)/tokenizer/spm.model
 
 moshi-quickstart: quickstart $(DATA)/moshi_tiny/train/manifest.json
-	$(BIN)/moshax train --config configs/moshi_tiny.yaml model.init_from=$(WORKDIR)
+	$(BIN)/moshax train --config configs/moshi_tiny.yaml task.init_from=$(WORKDIR)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -37,29 +37,10 @@ import grain
 import numpy as np
 
 from data_pipeline.audio import durations, list_audio_files, read_audio
+from data_pipeline.configs import AudioDataConfig
 from data_pipeline.errors import DataError
 
 SPLITS = ("train", "eval")
-
-
-@dataclass
-class AudioDataConfig:
-    """Audio sources for codec training (to become the top-level ``audio:`` config section)."""
-
-    train_sources: list[str] = field(default_factory=list)  # dirs, globs, files or .jsonl manifests
-    eval_sources: list[str] = field(default_factory=list)
-    crop_seconds: float = 2.0  # length of each training example
-    num_workers: int = 0  # Grain worker processes (0 = in-process)
-    num_threads: int = 2  # reader threads per process (decoding + resampling)
-    eval_crops_per_file: int = 1  # eval reads crops from the start of each file
-
-    def validate(self, where: str = "audio") -> None:
-        if not self.crop_seconds > 0:
-            raise DataError(f"{where}.crop_seconds={self.crop_seconds}: must be > 0")
-        if self.num_workers < 0 or self.num_threads < 1:
-            raise DataError(f"{where}: num_workers must be >= 0 and num_threads >= 1")
-        if self.eval_crops_per_file < 1:
-            raise DataError(f"{where}.eval_crops_per_file={self.eval_crops_per_file}: must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -226,18 +226,12 @@ def _corpus_tokens(text_file: str, tokenizer: str, limit: int) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m data_pipeline.multistream synth --output DIR ...``: structured synthetic shards."""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m data_pipeline.multistream",
-                                 description="write structured synthetic multi-stream Moshi shards")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("synth")
+def add_synth_arguments(p) -> None:
+    """Flags of ``moshax data synth-multistream`` (an argparse parser)."""
     p.add_argument("--output", required=True)
     p.add_argument("--examples", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=125, help="frames per example (data.seq_len)")
+    p.add_argument("--frames", "--steps", dest="frames", type=int, default=125,
+                   help="12.5 Hz frames per example (the config's data.frames)")
     p.add_argument("--text-card", type=int, default=512)
     p.add_argument("--card", type=int, default=2048)
     p.add_argument("--n-q", type=int, default=16)
@@ -246,26 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single-stream", action="store_true", help="user streams all -1 (pretraining data)")
     p.add_argument("--text-from", help="a .txt corpus for the text stream (with --tokenizer)")
     p.add_argument("--tokenizer", help="sentencepiece .model for --text-from")
-    args = ap.parse_args(argv)
-    try:
-        tokens = None
-        if args.text_from:
-            if not args.tokenizer:
-                raise DataError("--text-from needs --tokenizer")
-            tokens = _corpus_tokens(args.text_from, args.tokenizer, args.examples * args.steps)
-        ex = synthetic_examples(args.examples, steps=args.steps, text_card=args.text_card, card=args.card,
-                                n_q=args.n_q, dep_q=args.dep_q, seed=args.seed, tokens=tokens,
-                                two_streams=not args.single_stream)
-        m = write_examples(args.output, ex, steps=args.steps, text_card=args.text_card, card=args.card,
-                           num_streams=args.n_q + 1, dep_q=args.dep_q,
-                           metadata={"synthetic": {"seed": args.seed, "text_from": args.text_from}})
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {m['total_records']} examples [{args.n_q + 1}, {args.steps}] "
+
+
+def synth_command(args) -> int:
+    """``moshax data synth-multistream --output DIR ...``: structured synthetic shards."""
+    tokens = None
+    if args.text_from:
+        if not args.tokenizer:
+            raise DataError("--text-from needs --tokenizer")
+        tokens = _corpus_tokens(args.text_from, args.tokenizer, args.examples * args.frames)
+    ex = synthetic_examples(args.examples, steps=args.frames, text_card=args.text_card, card=args.card,
+                            n_q=args.n_q, dep_q=args.dep_q, seed=args.seed, tokens=tokens,
+                            two_streams=not args.single_stream)
+    m = write_examples(args.output, ex, steps=args.frames, text_card=args.text_card, card=args.card,
+                       num_streams=args.n_q + 1, dep_q=args.dep_q,
+                       metadata={"synthetic": {"seed": args.seed, "text_from": args.text_from}})
+    print(f"wrote {m['total_records']} examples [{args.n_q + 1}, {args.frames}] "
           f"({m['stats']['hours']:.2f} h at 12.5 Hz) in {len(m['shards'])} shard(s) to {args.output}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,12 +9,11 @@ espeak-ng``), resampled from eSpeak's 22.05 kHz to ``sample_rate`` and written a
     OUT/eval/00000.wav  ... OUT/eval/manifest.jsonl
 
 The same arguments give the same files (eSpeak NG is deterministic for a given version).
-``python -m data_pipeline.speech_synth --output data/speech --train 200 --eval 20``.
+``moshax data speech --output data/speech --train 200 --eval 20``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -129,25 +128,22 @@ def synthesize_corpus(output: str | Path, *, train: int = 200, eval: int = 20, s
     return manifests
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_speech_arguments(p) -> None:
+    """Flags of ``moshax data speech`` (an argparse parser)."""
     p.add_argument("--output", required=True)
-    p.add_argument("--train", type=int, default=200)
-    p.add_argument("--eval", type=int, default=20)
+    p.add_argument("--train", type=int, default=200, help="train utterances")
+    p.add_argument("--eval", type=int, default=20, help="eval utterances")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-rate", type=int, default=24000)
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args(argv)
+
+
+def speech_command(args) -> int:
+    """``moshax data speech --output DIR``: an eSpeak NG corpus (``train/``, ``eval/`` + manifests)."""
     out = synthesize_corpus(args.output, train=args.train, eval=args.eval, seed=args.seed,
                             sample_rate=args.sample_rate, workers=args.workers, progress=True)
-    total = 0.0
     for split, manifest in out.items():
         rows = [json.loads(line) for line in manifest.read_text().splitlines()]
         hours = sum(r["duration"] for r in rows) / 3600
-        total += hours
         print(f"{split}: {len(rows)} files, {hours * 60:.1f} min -> {manifest}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,12 +3,13 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from moshax.config import ConfigError, HeliumConfig, load_config
+from moshax.config import ConfigError, HeliumConfig, MeshConfig, from_dict, load_config
 from moshax.parallel.mesh import check_batch, resolve_mesh_shape
-from moshax.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def test_shipped_configs_load():
@@ -73,3 +74,104 @@ def test_batch_must_divide_data_axes(devices):
     check_batch(mesh, 8)
     with pytest.raises(ConfigError, match="not divisible by the data x fsdp mesh axes"):
         check_batch(mesh, 6)
+
+
+# ----------------------------------------------------------------------------- layered configs
+
+ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_config_loads_and_show_round_trips(name, capsys):
+    """Each file loads (through its base: chain) without a legacy warning, and `moshax config show`
+    prints YAML that loads back to the same config."""
+    from moshax.cli import main
+    from moshax.config import from_dict
+
+    legacy = []
+    cfg = load_config(CONFIGS / name, on_legacy=legacy.append)
+    assert not legacy, f"{name} uses the old layout: {legacy}"
+    assert main(["config", "show", "--config", str(CONFIGS / name)]) == 0
+    shown = capsys.readouterr().out
+    assert from_dict(yaml.safe_load(shown)) == cfg
+    assert "base" not in yaml.safe_load(shown)
+
+
+def test_stage_presets_are_deltas_over_one_base():
+    base = load_config(CONFIGS / "moshi_7b.yaml")
+    for stage in ("pretrain", "posttrain", "finetune"):
+        text = (CONFIGS / f"moshi_7b_{stage}.yaml").read_text()
+        body = yaml.safe_load(text)
+        assert body["base"] == "moshi_7b.yaml" and "transformer" not in body.get("model", {})  # said once
+        assert load_config(CONFIGS / f"moshi_7b_{stage}.yaml").model.transformer == base.model.transformer
+    assert load_config(CONFIGS / "moshi_7b_pretrain.yaml").model.delays[1:9] == [0] + [2] * 7
+
+
+def test_base_chain_merges_and_overrides_apply_last(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nmodel: {kind: helium, vocab_size: 64, transformer: {dim: 32, "
+                                     "num_heads: 4, num_layers: 2, hidden_dim: 48}}\ntrain: {steps: 5, batch_size: 4}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\nmodel: {transformer: {num_layers: 3}}\n")
+    cfg = load_config(tmp_path / "sub" / "b.yaml", ["train.steps=9"])
+    assert cfg.name == "b" and cfg.model.vocab_size == 64 and cfg.model.transformer.dim == 32
+    assert cfg.model.transformer.num_layers == 3 and cfg.train.steps == 9 and cfg.train.batch_size == 4
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base config not found: missing.yaml"):
+        load_config(tmp_path / "d.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_old_layout_loads_with_one_warning_line(tmp_path, capsys):
+    """A config written before `task:` existed loads into the new sections, with one line naming
+    every move; the result equals the new-layout file's."""
+    from moshax.cli import main
+
+    from moshax.config import to_dict
+
+    new = load_config(CONFIGS / "moshi_7b_pretrain.yaml")
+    old = to_dict(new)
+    task = old.pop("task")
+    old["model"].update(augment=task["augment"], init_from=task["init_from"], semantic_weight=task["semantic_weight"])
+    old["data"]["seq_len"] = old["data"].pop("frames")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert main(["config", "show", "--config", str(tmp_path / "old.yaml")]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "model.init_from -> task.init_from" in err and "data.seq_len -> data.frames" in err
+    assert from_dict(yaml.safe_load(out)) == new
+    # Mimi's old model.train section splits into task: and data:
+    mimi = yaml.safe_load((CONFIGS / "mimi_tiny.yaml").read_text())
+    mimi["model"]["train"] = {**mimi.pop("task"), **mimi.pop("data")}
+    mimi["model"]["train"].pop("quantizer_dropout")
+    mimi["model"]["quantizer"]["q_dropout"] = True
+    legacy = []
+    assert from_dict(mimi, on_legacy=legacy.append) == load_config(CONFIGS / "mimi_tiny.yaml")
+    assert any("model.train -> task" in m for m in legacy)
+
+
+def test_unknown_kind_is_one_line(capsys):
+    from moshax.cli import main
+
+    assert main(["config", "show", "--config", str(CONFIGS / "helium_tiny.yaml"), "model.kind=gpt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model kind (known: helium, moshi, mimi)" in err
+    from moshax import registry
+
+    with pytest.raises(registry.UnknownKind, match="--model"):
+        registry.get("gpt", where="--model")
+    assert registry.get("lm").name == "moshi"  # convert's old spelling
+
+
+def test_config_load_does_not_import_jax():
+    """Config mistakes print before JAX starts: loading every config imports no JAX."""
+    import subprocess
+    import sys
+
+    code = ("import sys, glob; from moshax.config import load_config\n"
+            f"[load_config(p) for p in glob.glob({str(CONFIGS)!r} + '/*.yaml')]\n"
+            "print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from moshax.cli import main
-from moshax.commands.convert import build_model_from_checkpoint, open_checkpoint
+from moshax.checkpoint.model import build_model_from_checkpoint, open_checkpoint
 from moshax.config import ConfigError
 from moshax.interop.lm_weights import moshi_config_from_kyutai, moshi_config_to_kyutai, read_safetensors
 from moshax.models.moshi_lm import MoshiLMConfig
@@ -67,12 +67,12 @@ def test_lm_from_and_to_kyutai(devices, tmp_path, capsys):
     out = tmp_path / "ckpt"
     assert main(["convert", "from-kyutai", "--model", "lm", str(weights), "--output", str(out),
                  "--kyutai-config", str(tmp_path / "cfg.json")]) == 0
-    assert "wrote lm checkpoint" in capsys.readouterr().out
+    assert "wrote moshi checkpoint" in capsys.readouterr().out
 
     # layout: CKPT/0/{state,meta}; state = {params, rest}; meta = {format, kind, config, source}
     assert (out / "0" / "state").is_dir() and (out / "0" / "meta").is_dir()
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(out / "0" / "meta")
-    assert meta["kind"] == "lm" and meta["format"] == "moshax-model/1" and meta["source"] == str(weights)
+    assert meta["kind"] == "moshi" and meta["format"] == "moshax-model/1" and meta["source"] == str(weights)
     assert meta["config"]["kind"] == "moshi" and meta["config"]["text_card"] == cfg.text_card
     ckpt = open_checkpoint(out)
     assert ckpt.model_kind == "moshi" and ckpt.model_config() == cfg
@@ -88,7 +88,7 @@ def test_lm_from_and_to_kyutai(devices, tmp_path, capsys):
 
     # back to a released-form bf16 file: bitwise the input
     back = tmp_path / "back.safetensors"
-    assert main(["convert", "to-kyutai", "--model", "lm", "--checkpoint", str(out), "--output", str(back),
+    assert main(["convert", "to-kyutai", "--model", "moshi", "--checkpoint", str(out), "--output", str(back),
                  "--dtype", "bfloat16"]) == 0
     again = dict(read_safetensors(back))
     assert set(again) == set(released)

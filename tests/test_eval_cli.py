@@ -2,8 +2,6 @@
 the model's own loss), Helium on text shards, the codec path (--audio) and one-line errors."""
 
 import json
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ from flax import nnx
 
 from data_pipeline.multistream import synthetic_examples, write_examples
 from moshax.cli import main
-from moshax.commands.convert import save_model_checkpoint
+from moshax.checkpoint.model import save_model_checkpoint
 from moshax.config import HeliumConfig, TransformerConfig, to_dict
 from moshax.models.moshi_lm import MoshiLM, MoshiLMConfig
 
@@ -106,29 +104,23 @@ def test_eval_helium_on_text_shards(devices, tmp_path, capsys):
 
 
 def test_eval_codec_path_and_errors(moshi_ckpt, tmp_path, capsys, monkeypatch):
-    try:  # the real module (a colleague's), before the fakes below replace it
-        import moshax.evaluation.codec as real
+    import moshax.evaluation.codec as codec_eval
 
-        real_pkg = sys.modules["moshax.evaluation"]
-    except ModuleNotFoundError:
-        real = real_pkg = None
     root, _, _ = moshi_ckpt
     ck, shards = str(root / "ckpt"), str(root / "shards")
     assert main(["eval", "--checkpoint", ck, "--shards", shards, "--audio", str(tmp_path)]) == 2
     assert "exactly one of --shards" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--shards", shards]) == 2
     assert "not found" in capsys.readouterr().err
-    # an LM checkpoint with --audio: a codec is expected (with or without the codec module)
-    fake = types.ModuleType("moshax.evaluation.codec")
+    # an LM checkpoint with --audio: a codec is expected
     seen = {}
+    real_evaluate_codec = codec_eval.evaluate_codec
 
-    def evaluate_codec(mimi, folder):
+    def evaluate_codec(mimi, folder, **kw):
         seen["args"] = (type(mimi).__name__, folder)
         return {"si_snr_db": 3.5, "files": 2}
 
-    fake.evaluate_codec = evaluate_codec
-    monkeypatch.setitem(sys.modules, "moshax.evaluation", types.ModuleType("moshax.evaluation"))
-    monkeypatch.setitem(sys.modules, "moshax.evaluation.codec", fake)
+    monkeypatch.setattr(codec_eval, "evaluate_codec", evaluate_codec)
     assert main(["eval", "--checkpoint", ck, "--audio", str(tmp_path)]) == 2
     assert "--audio evaluates a Mimi codec" in capsys.readouterr().err
     # a Mimi checkpoint goes to evaluate_codec
@@ -153,23 +145,16 @@ def test_eval_codec_path_and_errors(moshi_ckpt, tmp_path, capsys, monkeypatch):
     assert main(["eval", "--checkpoint", str(tmp_path / "mimi"), "--shards", shards]) == 2
     assert "use --audio DIR for a codec" in capsys.readouterr().err
     # the real codec evaluation, end to end (a tiny random Mimi: only the plumbing is checked)
-    if real is not None:
-        from data_pipeline.audio import write_wav
+    from data_pipeline.audio import write_wav
 
-        monkeypatch.setitem(sys.modules, "moshax.evaluation", real_pkg)
-        monkeypatch.setitem(sys.modules, "moshax.evaluation.codec", real)
-        write_wav(tmp_path / "wavs" / "a.wav", (0.1 * np.sin(np.arange(4800) / 7.0)).astype(np.float32), 24000)
-        mimi = nnx.jit(lambda: Mimi(mcfg, rngs=nnx.Rngs(0)))()
-        _, p, r = nnx.split(mimi, nnx.Param, ...)
-        host = lambda t: jax.tree.map(np.asarray, nnx.to_pure_dict(t))  # noqa: E731
-        save_model_checkpoint(tmp_path / "mimi2", host(p), host(r), config=to_dict(mcfg), kind="mimi", source="t")
-        assert main(["eval", "--checkpoint", str(tmp_path / "mimi2"), "--audio", str(tmp_path / "wavs"),
-                     "--json", str(tmp_path / "c2.json")]) == 0
-        rep = json.loads((tmp_path / "c2.json").read_text())
-        assert rep["files"] == 1 and rep["num_codebooks"] == 2 and np.isfinite(rep["mel_distance"])
-        assert len(rep["per_file"]) == 1 and "| si_sdr_db |" in capsys.readouterr().out
-    # without the codec module: a clear line, not a traceback
-    monkeypatch.setitem(sys.modules, "moshax.evaluation.codec", None)
-    assert main(["eval", "--checkpoint", str(tmp_path / "mimi"), "--audio", str(tmp_path / "wavs")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("not available" in err or "moshax.evaluation" in err)
+    monkeypatch.setattr(codec_eval, "evaluate_codec", real_evaluate_codec)
+    write_wav(tmp_path / "wavs" / "a.wav", (0.1 * np.sin(np.arange(4800) / 7.0)).astype(np.float32), 24000)
+    mimi = nnx.jit(lambda: Mimi(mcfg, rngs=nnx.Rngs(0)))()
+    _, p, r = nnx.split(mimi, nnx.Param, ...)
+    host = lambda t: jax.tree.map(np.asarray, nnx.to_pure_dict(t))  # noqa: E731
+    save_model_checkpoint(tmp_path / "mimi2", host(p), host(r), config=to_dict(mcfg), kind="mimi", source="t")
+    assert main(["eval", "--checkpoint", str(tmp_path / "mimi2"), "--audio", str(tmp_path / "wavs"),
+                 "--json", str(tmp_path / "c2.json")]) == 0
+    rep = json.loads((tmp_path / "c2.json").read_text())
+    assert rep["files"] == 1 and rep["num_codebooks"] == 2 and np.isfinite(rep["mel_distance"])
+    assert len(rep["per_file"]) == 1 and "| si_sdr_db |" in capsys.readouterr().out

@@ -12,7 +12,8 @@ from data_pipeline.audio import read_audio, write_wav
 from moshax.cli import main
 from moshax.config import TransformerConfig, to_dict
 from moshax.models.mimi.config import MimiConfig, QuantizerConfig, SEANetConfig
-from moshax.models.mimi.model import Mimi, load_codec
+from moshax.checkpoint.model import load_codec
+from moshax.models.mimi.model import Mimi
 
 from helpers import draw_codebooks
 
@@ -44,7 +45,7 @@ def random_codec(cfg, seed=0) -> Mimi:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from moshax.commands.convert import save_model_checkpoint
+    from moshax.checkpoint.model import save_model_checkpoint
 
     cfg = tiny_cfg()
     model = random_codec(cfg)
@@ -83,7 +84,7 @@ def test_encode_decode_any_rate_and_channels(ckpt, tmp_path, capsys):
 
 
 def test_chunked_runner_equals_batch(ckpt):
-    from moshax.evaluation.codec import CodecRunner
+    from moshax.inference.codec import CodecRunner
 
     model = ckpt["model"]
     x = tone(1.9, seed=3)[0]

@@ -332,12 +332,7 @@ def test_full_architecture_parity(tmp_path):
 # ------------------------------------------------------------------------------------------ config
 
 
-@pytest.fixture
-def mimi_registered(monkeypatch):
-    monkeypatch.setitem(moshax_config.MODEL_CONFIGS, "mimi", MimiConfig)
-
-
-def test_yaml_configs_load(mimi_registered):
+def test_yaml_configs_load():
     full = moshax_config.load_config(CONFIGS / "mimi_full.yaml")
     assert full.model == MimiConfig()  # the file spells out the released defaults
     assert (full.model.frame_size, full.model.downsample_stride, full.model.encoder_frame_rate) == (1920, 2, 25.0)
@@ -354,7 +349,7 @@ def test_yaml_configs_load(mimi_registered):
     ("model.seanet.pad_mode=reflect", "pad_mode"),
     ("model.quantizer.n_q=1", "n_q=1 must be larger"),
 ])
-def test_bad_configs_raise(mimi_registered, override, match):
+def test_bad_configs_raise(override, match):
     data = yaml.safe_load((CONFIGS / "mimi_tiny.yaml").read_text())
     with pytest.raises(ConfigError, match=match):
         moshax_config.from_dict(data, [override])
@@ -377,7 +372,7 @@ def test_rvq_train_step_matches_reference(tiny):
     for branch in (rq.rvq_first, rq.rvq_rest):
         for layer in branch.vq.layers:
             layer._codebook._next_unused_check = 10 ** 9
-    k = model.quantizer.cfg.num_codebooks
+    k = model.quantizer.cfg.num_streams
     assert k < cfg.quantizer.n_q
     rq.set_num_codebooks(k)
     latent = nnx.jit(lambda m, a: m.encode_latent(a))(model, jnp.asarray(synth_audio(1.2, seed=12, batch=2)))
@@ -455,7 +450,7 @@ def test_rvq_train_staggered_init_and_dropout():
 
 
 def test_train_forward_straight_through_and_commitment_gradient():
-    qcfg = QuantizerConfig(dimension=4, bins=8, n_q=3, num_codebooks=3, q_dropout=True)
+    qcfg = QuantizerConfig(dimension=4, bins=8, n_q=3, num_codebooks=3)
     q = SplitResidualVQ(6, qcfg, rngs=nnx.Rngs(0))
     for b in (q.rvq_first, q.rvq_rest):
         n = b.n_levels

@@ -18,7 +18,7 @@ from moshax.models.mimi.config import DiscriminatorConfig
 from moshax.models.mimi.discriminator import MultiScaleSTFTDiscriminator, _DN, _pad2d, conv_freq_strided, stft
 from moshax.parallel.mesh import build_mesh
 from moshax.config import MeshConfig
-from moshax.training.checkpointing import Checkpointer
+from moshax.checkpoint.manager import Checkpointer
 from moshax.training.mimi_task import MimiTask
 from moshax.training.trainer import Trainer
 
@@ -65,34 +65,32 @@ def corpus(tmp_path_factory):
     return root
 
 
-def nano_config(root, **train):
+def nano_config(root, **task):
     """A yet smaller Mimi (2 SEANet stages, 750 Hz frames) for the gradient test's two compiles."""
     d = {"model": {"kind": "mimi", "frame_rate": 750.0,
                    "seanet": {"dimension": 16, "n_filters": 4, "ratios": [4, 4]},
                    "transformer": {"dim": 16, "num_heads": 2, "num_layers": 1, "hidden_dim": 32, "gated": False,
                                    "activation": "gelu", "norm": "layer_norm", "norm_eps": 1e-5, "layer_scale": 0.01,
                                    "context": 8},
-                   "quantizer": {"dimension": 8, "bins": 16, "n_q": 3, "num_codebooks": 3, "kmeans_iters": 2},
-                   "train": {"train_sources": [str(root / "train")], "crop_seconds": 0.02,
-                             "discriminator": {"filters": 2, "n_ffts": [128], "dilations": [1]},
-                             "teacher": {"kind": "mel", "frame_rate": 1500, "n_mels": 4}, **train}}}
+                   "quantizer": {"dimension": 8, "bins": 16, "n_q": 3, "num_codebooks": 3, "kmeans_iters": 2}},
+         "task": {"discriminator": {"filters": 2, "n_ffts": [128], "dilations": [1]},
+                  "teacher": {"kind": "mel", "frame_rate": 1500, "n_mels": 4}, **task},
+         "data": {"train_sources": [str(root / "train")], "crop_seconds": 0.02}}
     return from_dict(d)
 
 
-def micro_config(root, workdir, **train):
-    """An extra-small Mimi (fast compiles) on 0.16 s crops."""
-    mt = {"train_sources": [str(root / "train")], "eval_sources": [str(root / "eval")], "crop_seconds": 0.16,
-          "discriminator": {"filters": 4, "n_ffts": [256, 128], "dilations": [1, 2]},
-          "teacher": {"kind": "mel", "frame_rate": 50, "n_mels": 16}}
-    mt.update(train.pop("model_train", {}))
-    d = {"workdir": str(workdir), "model": {
+def micro_config(root, workdir, task=None, data=None, **train):
+    """An extra-small Mimi (fast compiles) on 0.16 s crops; ``task`` / ``data`` update those sections."""
+    task = {"quantizer_dropout": True, "discriminator": {"filters": 4, "n_ffts": [256, 128], "dilations": [1, 2]},
+            "teacher": {"kind": "mel", "frame_rate": 50, "n_mels": 16}, **(task or {})}
+    data = {"train_sources": [str(root / "train")], "eval_sources": [str(root / "eval")], "crop_seconds": 0.16,
+            **(data or {})}
+    d = {"workdir": str(workdir), "task": task, "data": data, "model": {
         "kind": "mimi", "seanet": {"dimension": 32, "n_filters": 4},
         "transformer": {"dim": 32, "num_heads": 2, "num_layers": 1, "hidden_dim": 64, "gated": False,
                         "activation": "gelu", "norm": "layer_norm", "norm_eps": 1e-5, "layer_scale": 0.01,
                         "context": 8},
-        "quantizer": {"dimension": 16, "bins": 32, "n_q": 4, "num_codebooks": 4, "kmeans_iters": 5,
-                      "q_dropout": True},
-        "train": mt},
+        "quantizer": {"dimension": 16, "bins": 32, "n_q": 4, "num_codebooks": 4, "kmeans_iters": 5}},
         "train": {"steps": 4, "batch_size": 2, "log_every": 1, "progress": False, "eval_batches": 1, **train},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 1,
                   "param_groups": [{"pattern": "^discriminator/", "learning_rate": 1e-3, "weight_decay": 0.0}]},
@@ -204,7 +202,7 @@ def test_gan_gradients_stay_on_their_side(corpus, tmp_path):
 
 
 def test_balancer_step(corpus):
-    """model.train.balancer: the audio losses (adversarial, feature matching, mel) are combined by
+    """task.balancer: the audio losses (adversarial, feature matching, mel) are combined by
     their normalized gradients on the decoded audio; the step yields finite losses and gradients."""
     from moshax.parallel.partition import ModelHandle
 
@@ -249,7 +247,7 @@ def test_training_updates_codebooks_and_resumes_exactly(corpus, tmp_path, capsys
     for key in ("adversarial", "feature_matching", "commitment", "distillation", "d_loss", "si_sdr", "rvq_entropy"):
         assert key in hist[0], key
     assert "eval_loss" in hist[-1]
-    # eval runs without quantizer dropout (q_dropout is on in training): every level, every crop
+    # eval runs without quantizer dropout (task.quantizer_dropout is on in training): every level, every crop
     assert hist[-1]["eval_n_q"] == 4.0 and any(h["n_q"] < 4.0 for h in hist if "n_q" in h)
     first = _trainer(cfg, tmp_path / "split").run(max_steps=2)
     second = _trainer(cfg, tmp_path / "split").run()
@@ -266,7 +264,7 @@ def test_training_updates_codebooks_and_resumes_exactly(corpus, tmp_path, capsys
     assert int(rest["forward_count"]) == 4
 
     # warm start: a new run's codec starts from this checkpoint (the discriminator starts fresh)
-    warm = _trainer(micro_config(corpus, tmp_path / "warm", model_train={"init_from": str(tmp_path / "full")}),
+    warm = _trainer(micro_config(corpus, tmp_path / "warm", task={"init_from": str(tmp_path / "full")}),
                     tmp_path / "warm").init_state()
     trained = jax.device_get(state["params"])
     for a, b in zip(jax.tree.leaves(jax.device_get(warm["params"]["encoder"])), jax.tree.leaves(trained["encoder"])):
@@ -289,14 +287,14 @@ def test_precomputed_teacher_features(corpus, tmp_path):
     """teacher.kind=npy: features written next to the audio by write_features are read by the
     loader, aligned with the crops."""
     from data_pipeline.audio import list_audio_files
-    from moshax.models.mimi.teacher import MelTeacher, write_features
+    from moshax.training.mimi_teacher import MelTeacher, write_features
 
     root = tmp_path / "data"
     shutil.copytree(corpus, root)
     teacher = MelTeacher(SR, 50.0, 16, normalize=False)  # raw log-mel: crops of the file's features
     written = write_features(teacher, list_audio_files([str(root / "train"), str(root / "eval")]), SR)
     assert all(np.load(p).shape[1] == 16 for p in written)
-    cfg = micro_config(root, tmp_path / "run", steps=2, model_train={"teacher": {"kind": "npy", "frame_rate": 50}})
+    cfg = micro_config(root, tmp_path / "run", steps=2, task={"teacher": {"kind": "npy", "frame_rate": 50}})
     task = MimiTask(cfg)
     assert task.teacher_dim == 16
     batch = next(task.data_iterator("train", global_batch_size=2, process_index=0, process_count=1))
@@ -311,13 +309,13 @@ def test_config_errors(corpus, tmp_path):
     from moshax.config import ConfigError
 
     with pytest.raises(ConfigError, match="teacher.kind"):
-        micro_config(corpus, tmp_path, model_train={"teacher": {"kind": "wavlm"}})
+        micro_config(corpus, tmp_path, task={"teacher": {"kind": "wavlm"}})
     with pytest.raises(ConfigError, match="shorter than the largest discriminator n_fft"):
-        MimiTask(micro_config(corpus, tmp_path, model_train={"discriminator": {"n_ffts": [8192]}}))
+        MimiTask(micro_config(corpus, tmp_path, task={"discriminator": {"n_ffts": [8192]}}))
     with pytest.raises(ConfigError, match="not a multiple of the codec frame rate"):
-        MimiTask(micro_config(corpus, tmp_path, model_train={"teacher": {"kind": "mel", "frame_rate": 18.75}}))
+        MimiTask(micro_config(corpus, tmp_path, task={"teacher": {"kind": "mel", "frame_rate": 18.75}}))
     with pytest.raises(ConfigError, match="train_sources is empty"):
-        MimiTask(micro_config(corpus, tmp_path, model_train={"train_sources": []})).check_inputs()
+        MimiTask(micro_config(corpus, tmp_path, data={"train_sources": []})).check_inputs()
 
 
 # ------------------------------------------------------------------------------------------ slow
@@ -339,7 +337,7 @@ def test_tiny_mimi_on_synthetic_speech_lowers_losses(tmp_path):
 
     synthesize_corpus(tmp_path / "speech", train=120, eval=8, seed=0)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/mimi_tiny.yaml", [
-        f"model.train.train_sources=[{tmp_path}/speech/train]", f"model.train.eval_sources=[{tmp_path}/speech/eval]",
+        f"data.train_sources=[{tmp_path}/speech/train]", f"data.eval_sources=[{tmp_path}/speech/eval]",
         "train.progress=false", "train.steps=200", "optim.decay_steps=300", "train.eval_every=50"])
     jax.config.update("jax_disable_most_optimizations", False)  # a real run: optimized code
     try:

@@ -18,7 +18,8 @@ from moshax.config import ConfigError, TransformerConfig
 from moshax.interop.lm_weights import (
     CheckpointMismatchError, kyutai_shapes, lm_params_from_kyutai, lm_params_to_kyutai, load_lm_params, read_safetensors,
     save_lm_params, write_safetensors)
-from moshax.models.moshi_lm import MoshiLM, MoshiLMConfig, delay_sequence, initial_tokens, loss, total_loss
+from moshax.models.moshi_lm import (
+    MoshiLM, MoshiLMConfig, MoshiTaskConfig, delay_sequence, initial_tokens, loss, total_loss)
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -231,7 +232,7 @@ def test_mismatched_checkpoint_lists_every_problem():
 def test_zero_token_embeds_to_zero():
     cfg = tiny_config()
     model = MoshiLM(cfg, rngs=nnx.Rngs(0))
-    seq = jnp.full((2, cfg.num_codebooks, 5), -1, jnp.int32)
+    seq = jnp.full((2, cfg.num_streams, 5), -1, jnp.int32)
     assert np.all(np.asarray(model.embed(seq)) == 0.0)
     # one stream at -1 contributes exactly nothing
     codes = jnp.asarray(random_codes(cfg, 2, 5, seed=1).clip(0), jnp.int32)
@@ -240,7 +241,7 @@ def test_zero_token_embeds_to_zero():
                                   np.asarray(model.text_emb[...])[np.asarray(codes[:, 0])])
 
 
-def _numpy_loss(out, codes, cfg):
+def _numpy_loss(out, codes, cfg, w):
     def ce(logits, targets, mask, weights):
         logits = np.where(mask[..., None], logits, 0.0).astype(np.float64)
         t = np.where(mask, targets, 0)
@@ -252,10 +253,10 @@ def _numpy_loss(out, codes, cfg):
 
     text_t = codes[:, :1]
     pad = (text_t == cfg.existing_text_padding_id) | (text_t == cfg.existing_text_end_padding_id)
-    text = ce(out["text_logits"], text_t, out["text_mask"], np.where(pad, cfg.text_padding_weight, 1.0))
+    text = ce(out["text_logits"], text_t, out["text_mask"], np.where(pad, w.text_padding_weight, 1.0))
     audio_t = codes[:, 1:1 + cfg.dep_q]
-    sem = ce(out["logits"][:, :1], audio_t[:, :1], out["mask"][:, :1], cfg.semantic_weight)
-    aco = ce(out["logits"][:, 1:], audio_t[:, 1:], out["mask"][:, 1:], cfg.acoustic_weight)
+    sem = ce(out["logits"][:, :1], audio_t[:, :1], out["mask"][:, :1], w.semantic_weight)
+    aco = ce(out["logits"][:, 1:], audio_t[:, 1:], out["mask"][:, 1:], w.acoustic_weight)
     return dict(text=text, semantic=sem, acoustic=aco, audio=(sem[0] + aco[0], sem[1] + aco[1]))
 
 
@@ -264,8 +265,8 @@ def test_loss_matches_numpy_and_has_finite_gradients():
     model = MoshiLM(cfg, rngs=nnx.Rngs(0))
     codes = random_codes(cfg, 2, 12, seed=5)  # the parity tests' shape: FORWARD may reuse its compilation
     out = FORWARD(model, jnp.asarray(codes, jnp.int32))
-    got = loss(out, jnp.asarray(codes), cfg)
-    want = _numpy_loss({k: np.asarray(v) for k, v in out.items()}, codes, cfg)
+    got = loss(out, jnp.asarray(codes), cfg)  # default weights: moshi-finetune's
+    want = _numpy_loss({k: np.asarray(v) for k, v in out.items()}, codes, cfg, MoshiTaskConfig())
     for key in ("text", "semantic", "acoustic", "audio"):
         np.testing.assert_allclose(float(got[key][0]), want[key][0], rtol=1e-5, err_msg=key)
         np.testing.assert_allclose(float(got[key][1]), want[key][1], rtol=1e-6, err_msg=key)
@@ -294,7 +295,7 @@ def test_depformer_steps_match_teacher_forcing():
     b, t = 2, 4
     codes = jnp.asarray(random_codes(cfg, b, t, seed=2), jnp.int32)
     init = initial_tokens(cfg)
-    delayed = jnp.concatenate([jnp.broadcast_to(init[None, :, None], (b, cfg.num_codebooks, 1)),
+    delayed = jnp.concatenate([jnp.broadcast_to(init[None, :, None], (b, cfg.num_streams, 1)),
                                delay_sequence(codes, cfg.delays, init)], axis=2)
 
     @nnx.jit
@@ -325,12 +326,7 @@ def test_config_validation():
         tiny_config(depformer=dict(dim=30))
 
 
-@pytest.fixture
-def moshi_registered(monkeypatch):
-    monkeypatch.setitem(moshax_config.MODEL_CONFIGS, "moshi", MoshiLMConfig)
-
-
-def test_tiny_yaml_builds_and_traces(moshi_registered):
+def test_tiny_yaml_builds_and_traces():
     cfg = moshax_config.load_config(CONFIGS / "moshi_tiny.yaml", ["model.transformer.num_layers=2"]).model
     assert isinstance(cfg, MoshiLMConfig) and cfg.delays[1] == 0 and cfg.delays[2] == 1
     model = nnx.eval_shape(lambda: MoshiLM(cfg, rngs=nnx.Rngs(0)))
@@ -345,7 +341,7 @@ def test_tiny_yaml_builds_and_traces(moshi_registered):
     assert out["mask"].dtype == jnp.bool_ and total.shape == () and total.dtype == jnp.float32
 
 
-def test_7b_config_matches_moshiko(moshi_registered):
+def test_7b_config_matches_moshiko():
     torch, loaders = _reference()
     cfg = moshax_config.load_config(CONFIGS / "moshi_7b.yaml").model
     assert cfg.delays == loaders._lm_kwargs["delays"]
@@ -371,20 +367,3 @@ def test_7b_config_matches_moshiko(moshi_registered):
             released[k] = shape
     assert kyutai_shapes(cfg) == released
 
-
-def test_warm_start_from_helium():
-    from moshax.config import HeliumConfig
-    from moshax.models.helium import Helium
-    from moshax.models.moshi_lm import warm_start_from_helium
-
-    cfg = tiny_config()
-    helium = Helium(HeliumConfig(vocab_size=cfg.text_card, transformer=cfg.transformer), rngs=nnx.Rngs(7))
-    model = warm_start_from_helium(MoshiLM(cfg, rngs=nnx.Rngs(0)), helium)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.text_card, (2, 6)), jnp.int32)
-    want, _ = helium(tokens)
-    seq = jnp.full((2, cfg.num_codebooks, 6), -1, jnp.int32).at[:, 0].set(tokens)  # audio streams silent
-    _, got, _ = model.forward_text(seq)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
-    with pytest.raises(ConfigError, match="vocab_size"):
-        warm_start_from_helium(model, Helium(HeliumConfig(vocab_size=50, transformer=cfg.transformer),
-                                             rngs=nnx.Rngs(0)))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from data_pipeline.errors import DataError
 from data_pipeline.multistream import (
@@ -15,7 +16,7 @@ from data_pipeline.multistream import (
 from moshax.config import ConfigError, MeshConfig, from_dict, load_config, to_dict
 from moshax.models.moshi_lm import MoshiAugmentConfig
 from moshax.parallel.mesh import build_mesh
-from moshax.training.checkpointing import Checkpointer
+from moshax.checkpoint.manager import Checkpointer
 from moshax.training.moshi_task import MoshiTask, augment_codes
 from moshax.training.trainer import Trainer
 
@@ -30,7 +31,8 @@ TINY_D = {"dim": 16, "num_heads": 2, "num_layers": 1, "hidden_dim": 24, "context
 def moshi_config(shards, **sections):
     model = {"kind": "moshi", "text_card": TEXT_CARD, "card": CARD, "transformer": TINY_T, "depformer": TINY_D,
              **sections.pop("model", {})}
-    data = {"model": model, "data": {"seq_len": T, "train_shards": str(shards), **sections.pop("data", {})},
+    data = {"model": model, "task": sections.pop("task", {}),
+            "data": {"frames": T, "train_shards": str(shards), **sections.pop("data", {})},
             "train": {"batch_size": 8, "steps": 4, "log_every": 1, "progress": False, **sections.pop("train", {})},
             "optim": {"learning_rate": 1e-2, "warmup_steps": 1, **sections.pop("optim", {})},
             "checkpoint": {"every": 2, "async_save": True}, **sections}
@@ -98,7 +100,7 @@ def test_data_iterator_checks_shapes_and_resumes(shards):
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["codes"], want)
     with pytest.raises(DataError, match=r"shape \[17, 16\].*\[17, 20\]"):
-        MoshiTask(moshi_config(shards, data={"seq_len": 20})).check_inputs()
+        MoshiTask(moshi_config(shards, data={"frames": 20})).check_inputs()
     with pytest.raises(DataError, match="text_card=64 but model.text_card=32"):
         MoshiTask(moshi_config(shards, model={"text_card": 32})).check_inputs()
 
@@ -133,7 +135,7 @@ def test_augmentations():
     per_example = (whole[:, 0] == -1).all(axis=1)
     assert 0.2 < per_example.mean() < 0.8 and ((whole[:, 0] == -1).any(axis=1) == per_example).all()
     with pytest.raises(ConfigError, match="text_mask_prob=1.5"):
-        moshi_config("x", model={"augment": {"text_mask_prob": 1.5}})
+        moshi_config("x", task={"augment": {"text_mask_prob": 1.5}})
 
 
 # ----------------------------------------------------------------------------- objective, sharding, resume
@@ -146,7 +148,7 @@ def trainers(devices, shards, tmp_path_factory):
     """One config (augmentations on, 2 micro-batches of 4) on the (2, 2, 2) mesh and on one device;
     each trainer compiles its step once and hands out copies of one initial state (the tests
     share compilations: they dominate the time on a CPU)."""
-    cfg = moshi_config(shards, model=AUG, train={"grad_accum_steps": 2})
+    cfg = moshi_config(shards, task=AUG, train={"grad_accum_steps": 2})
     root = tmp_path_factory.mktemp("trainers")
     out = {}
     for shape in ((2, 2, 2), (1, 1, 1)):
@@ -234,7 +236,7 @@ def test_resume_is_bitwise_exact(trainers, tmp_path):
 
 
 def test_eval_step_has_no_augmentations(trainers):
-    """The trainer's eval step uses ``task.eval_loss``: with text delay and masking on in the
+    """The trainer's eval step uses ``task.eval_metrics`` (no rng): with text delay and masking on in the
     config, eval losses equal the plain (unaugmented) forward's, and differ from the train loss."""
     tr = trainers[(1, 1, 1)]
     state = tr.init_state()
@@ -276,7 +278,7 @@ def test_warm_start_from_helium(trainers, shards, tmp_path):
     hp = helium_checkpoint(tmp_path / "helium")
     fresh_state = tr.init_state()
     fresh = jax.device_get(fresh_state["params"])
-    task = MoshiTask(moshi_config(shards, model={"init_from": str(tmp_path / "helium")}))
+    task = MoshiTask(moshi_config(shards, task={"init_from": str(tmp_path / "helium")}))
     new, rest = task.init_params(fresh_state["params"], fresh_state["rest"], tr)  # the trainer's hook
     params = jax.device_get(new)
     for key in ("transformer", "out_norm", "text_linear"):
@@ -288,19 +290,28 @@ def test_warm_start_from_helium(trainers, shards, tmp_path):
         for a, b in zip(jax.tree.leaves(params[key]), jax.tree.leaves(fresh[key])):  # audio + depth: fresh
             np.testing.assert_array_equal(a, b)
     assert jax.tree.map(lambda a: a.sharding, new) == tr.param_shardings  # restored onto the mesh
+    # with silent audio streams, the warm-started temporal side computes Helium's logits
+    from moshax.config import HeliumConfig, TransformerConfig
+    from moshax.models.helium import Helium
+
+    helium = Helium(HeliumConfig(vocab_size=TEXT_CARD, transformer=TransformerConfig(**TINY_T)), rngs=nnx.Rngs(5))
+    model = tr.handle.merge(params, {})
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, TEXT_CARD, (2, 6)), jnp.int32)
+    seq = jnp.full((2, 17, 6), -1, jnp.int32).at[:, 0].set(tokens)
+    np.testing.assert_allclose(np.asarray(model.forward_text(seq)[1]), np.asarray(helium(tokens)[0]), atol=1e-5, rtol=0)
     # the workdir, its checkpoints/ dir and a step dir all work; mismatches are one clear line
-    MoshiTask(moshi_config(shards, model={"init_from": str(tmp_path / "helium" / "checkpoints" / "3")})).check_inputs()
-    MoshiTask(moshi_config(shards, model={"init_from": str(tmp_path / "helium" / "checkpoints")})).check_inputs()
+    MoshiTask(moshi_config(shards, task={"init_from": str(tmp_path / "helium" / "checkpoints" / "3")})).check_inputs()
+    MoshiTask(moshi_config(shards, task={"init_from": str(tmp_path / "helium" / "checkpoints")})).check_inputs()
     helium_checkpoint(tmp_path / "wide", transformer={**TINY_T, "hidden_dim": 64})
     with pytest.raises(ConfigError, match=r"does not fit.*stored \(2, 32, 2, 64\) vs model \(2, 32, 2, 48\)"):
-        MoshiTask(moshi_config(shards, model={"init_from": str(tmp_path / "wide")})).init_params(
+        MoshiTask(moshi_config(shards, task={"init_from": str(tmp_path / "wide")})).init_params(
             fresh_state["params"], {}, tr)
     helium_checkpoint(tmp_path / "vocab", vocab=32)
     with pytest.raises(ConfigError, match="vocab_size=32 != model.text_card=64"):
-        MoshiTask(moshi_config(shards, model={"init_from": str(tmp_path / "vocab")})).init_params(
+        MoshiTask(moshi_config(shards, task={"init_from": str(tmp_path / "vocab")})).init_params(
             fresh_state["params"], {}, tr)
     with pytest.raises(FileNotFoundError):
-        MoshiTask(moshi_config(shards, model={"init_from": str(tmp_path / "nope")})).check_inputs()
+        MoshiTask(moshi_config(shards, task={"init_from": str(tmp_path / "nope")})).check_inputs()
 
 
 # ----------------------------------------------------------------------------- configs
@@ -322,7 +333,7 @@ def test_stage_configs(name):
     make_optimizer(cfg.optim, cfg.train.steps, handle.axes())  # every param group matches something
     if name == "moshi_7b_pretrain":
         assert m.delays[2:9] == [2] * 7 and m.delays[1] == 0 and m.delays[0] == 0
-        assert m.augment.text_delay_s == 0.6 and m.augment.text_mask_prob == 0.3
+        assert cfg.task.augment.text_delay_s == 0.6 and cfg.task.augment.text_mask_prob == 0.3
         labels = param_labels(handle.axes(), cfg.optim)
         lrs = {f"group{i}": g.learning_rate for i, g in enumerate(cfg.optim.param_groups)}
         lr = lambda label: lrs.get(label, cfg.optim.learning_rate)  # noqa: E731
@@ -330,9 +341,9 @@ def test_stage_configs(name):
         assert lr(labels["emb"]) == 3e-5 and lr(labels["text_linear"]) == 3e-5
         for key in ("depformer", "linears", "depformer_in", "depformer_emb", "depformer_text_emb"):
             assert {lr(x) for x in jax.tree.leaves(labels[key])} == {2e-4}, key
-        assert m.init_from  # warm start from Helium
+        assert cfg.task.init_from  # warm start from Helium
     if name == "moshi_7b_posttrain":
-        assert m.delays == [0, 0] + [1] * 7 + [0] + [1] * 7 and m.augment.text_mask_prob == 0
+        assert m.delays == [0, 0] + [1] * 7 + [0] + [1] * 7 and cfg.task.augment.text_mask_prob == 0
     if name == "moshi_7b_finetune":
         assert cfg.optim.learning_rate == 2e-6
     del nnx
@@ -350,8 +361,8 @@ def test_training_from_helium_lowers_every_loss(devices, tmp_path):
     write_examples(out, synthetic_examples(256, steps=steps, text_card=128, card=256, seed=0), steps=steps,
                    text_card=128, card=256)
     helium_checkpoint(tmp_path / "helium", transformer={**TINY_T, "dim": 64, "hidden_dim": 176}, vocab=128)
-    cfg = moshi_config(out, data={"seq_len": steps},
-                       model={"text_card": 128, "card": 256, "init_from": str(tmp_path / "helium"),
+    cfg = moshi_config(out, data={"frames": steps}, task={"init_from": str(tmp_path / "helium")},
+                       model={"text_card": 128, "card": 256,
                               "transformer": {**TINY_T, "dim": 64, "hidden_dim": 176},
                               "depformer": {**TINY_D, "dim": 32, "hidden_dim": 88}},
                        train={"steps": 120, "log_every": 10}, optim={"learning_rate": 3e-3, "warmup_steps": 10},

@@ -7,7 +7,7 @@ import pytest
 from helpers import tiny_lm_config
 from moshax.config import MeshConfig
 from moshax.parallel.mesh import build_mesh
-from moshax.training.checkpointing import Checkpointer
+from moshax.checkpoint.manager import Checkpointer
 from moshax.training.lm_task import LMTask
 from moshax.training.trainer import Trainer
 

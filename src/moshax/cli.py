@@ -31,7 +31,7 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moshax.config import ConfigError
 
-    from moshax.training.checkpointing import CheckpointError
+    from moshax.checkpoint.manager import CheckpointError
 
     errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, FileNotFoundError]
     try:
@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from moshax.config import load_config
-    from moshax.parallel import aot
+    from moshax.training import aot
 
     cfg = load_config(args.config, args.overrides)
     if args.step == "decode":
@@ -120,9 +120,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def make_task(cfg):
-    from moshax.training.tasks import make_task as _make
+    from moshax.training.task import make_task as _make
 
     return _make(cfg)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from moshax.config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_yaml(cfg), end="")
+    return 0
 
 
 # ----------------------------------------------------------------------------- tokenizer / data
@@ -151,6 +159,18 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     print(f"wrote {manifest['total_records']} rows of {cfg.data.seq_len + 1} tokens in {len(manifest['shards'])} "
           f"shard(s) to {args.output} ({stats['documents']} documents, {stats['tokens']} tokens)")
     return 0
+
+
+def cmd_data_synth_multistream(args: argparse.Namespace) -> int:
+    from data_pipeline.multistream import synth_command
+
+    return synth_command(args)
+
+
+def cmd_data_speech(args: argparse.Namespace) -> int:
+    from data_pipeline.speech_synth import speech_command
+
+    return speech_command(args)
 
 
 def cmd_data_corpus(args: argparse.Namespace) -> int:
@@ -232,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records-per-shard", type=int, default=4096)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_data_tokenize)
+    p = data.add_parser("synth-multistream", help="structured synthetic 17-stream Moshi shards (text from a corpus)")
+    from data_pipeline.multistream import add_synth_arguments
+
+    add_synth_arguments(p)
+    p.set_defaults(fn=cmd_data_synth_multistream)
+    p = data.add_parser("speech", help="an eSpeak NG speech corpus (train/eval wavs) for codec training")
+    from data_pipeline.speech_synth import add_speech_arguments
+
+    add_speech_arguments(p)
+    p.set_defaults(fn=cmd_data_speech)
+
+    cfg = sub.add_parser("config", help="configs").add_subparsers(dest="action", required=True)
+    p = cfg.add_parser("show", help="print a config resolved (base: chain, overrides, defaults) as YAML")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_config_show)
     return parser
 
 

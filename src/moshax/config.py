@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.configs import TextDataConfig  # noqa: F401  (the text data section, re-exported)
+
 
 class ConfigError(ValueError):
     """A config the user wrote is wrong; the message is one line that says what and where."""
@@ -82,22 +84,13 @@ class HeliumConfig:
         self.transformer.validate(f"{where}.transformer")
 
 
-# model.kind -> config class; classes living next to their model are imported on first use.
-MODEL_CONFIGS: dict[str, type | str] = {
-    "helium": HeliumConfig,
-    "moshi": "moshax.models.moshi_lm:MoshiLMConfig",
-    "mimi": "moshax.models.mimi.config:MimiConfig",
-}
+@dataclass
+class LMTaskConfig:
+    """Helium pretraining: next-token cross-entropy (nothing to set yet; the section exists so every
+    kind has the same ``task:`` seam)."""
 
-
-def model_config_class(kind: str) -> type:
-    cls = MODEL_CONFIGS[kind]
-    if isinstance(cls, str):
-        import importlib
-
-        module, name = cls.split(":")
-        cls = MODEL_CONFIGS[kind] = getattr(importlib.import_module(module), name)
-    return cls
+    def validate(self, where: str = "task") -> None:
+        pass
 
 
 @dataclass
@@ -107,23 +100,6 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-
-
-@dataclass
-class TextDataConfig:
-    """Text sources, tokenizer and packing for LM pretraining."""
-
-    train_sources: list[str] = field(default_factory=list)  # .txt/.jsonl paths or globs, tfds:NAME[/CONFIG][:SPLIT]
-    eval_sources: list[str] = field(default_factory=list)
-    tokenizer: str = ""  # sentencepiece .model file
-    train_shards: str = ""  # token-shard dir (`moshax data tokenize`): elastic loader, used instead of sources
-    eval_shards: str = ""
-    seq_len: int = 128
-    jsonl_field: str = "text"
-    tfds_data_dir: str | None = None
-    num_workers: int = 0  # Grain worker processes (0 = in-process)
-    add_bos: bool = True
-    add_eos: bool = True
 
 
 @dataclass
@@ -175,25 +151,34 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
+    """A run: ``model`` (architecture only), ``task`` (how that model trains: losses, augmentation,
+    warm start), ``data`` (typed per kind: text, multi-stream shards or audio), and the kind-free
+    sections. The model kind (:mod:`moshax.registry`) picks the classes of the three typed sections."""
+
     name: str = "run"
     seed: int = 0
     workdir: str = "runs/default"
     model: Any = field(default_factory=HeliumConfig)
+    task: Any = field(default_factory=LMTaskConfig)
+    data: Any = field(default_factory=TextDataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    data: TextDataConfig = field(default_factory=TextDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
+        self.task.validate("task")
+        try:
+            self.data.validate("data")
+        except ValueError as e:  # DataError: the same one-line user error
+            raise ConfigError(str(e)) from None
         _positive("train.steps", self.train.steps)
         _positive("train.batch_size", self.train.batch_size)
         _positive("train.grad_accum_steps", self.train.grad_accum_steps)
         _positive("train.log_every", self.train.log_every)
         _positive("checkpoint.every", self.checkpoint.every)
         _positive("checkpoint.max_to_keep", self.checkpoint.max_to_keep)
-        _positive("data.seq_len", self.data.seq_len)
         if self.train.batch_size % self.train.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} is not divisible by "
@@ -283,26 +268,37 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
+    kind = None
+    if cls is Config:
+        kind = _kind_of(data)
     for key, value in data.items():
         full = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
-        if cls is Config and key == "model":
-            kwargs[key] = _build_model(value, full)
+        if kind is not None and key in KIND_SECTIONS:
+            kwargs[key] = _build(kind.load(KIND_SECTIONS[key]), value, full)
         else:
             kwargs[key] = _coerce(full, value, hints[key])
+    if kind is not None:
+        for key, part in KIND_SECTIONS.items():
+            kwargs.setdefault(key, kind.load(part)())
     return cls(**kwargs)
 
 
-def _build_model(data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    kind = data.get("kind", "helium")
-    if kind not in MODEL_CONFIGS:
-        raise ConfigError(f"{where}.kind={kind!r}: expected one of {', '.join(MODEL_CONFIGS)}")
-    return _build(model_config_class(kind), data, where)
+# Config sections whose class the model kind picks -> the registry entry's field naming it.
+KIND_SECTIONS = {"model": "config", "task": "task_config", "data": "data_config"}
+
+
+def _kind_of(data: dict):
+    from moshax import registry
+
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(model).__name__} {model!r}")
+    try:
+        return registry.get(model.get("kind", "helium"))
+    except registry.UnknownKind as e:
+        raise ConfigError(str(e)) from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -348,32 +344,119 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+# Keys that moved when ``model:`` became architecture only, per model kind: old dotted path ->
+# new dotted path. Old files (and checkpoints written before the move) still load through it.
+LEGACY_MOVES: dict[str, list[tuple[str, str]]] = {
+    "moshi": [(f"model.{k}", f"task.{k}") for k in
+              ("text_padding_weight", "semantic_weight", "acoustic_weight", "augment", "init_from")]
+    + [("data.seq_len", "data.frames")],
+    "mimi": [(f"model.train.{k}", f"data.{k}") for k in
+             ("train_sources", "eval_sources", "crop_seconds", "num_workers", "num_threads")]
+    + [("model.quantizer.q_dropout", "task.quantizer_dropout"), ("model.train", "task")],
+}
+
+
+def migrate_legacy(data: dict) -> tuple[dict, list[str]]:
+    """Move keys of the pre-``task:`` layout to their new places; returns (data, ["old -> new", ...])."""
+    import copy
+
+    data = copy.deepcopy(data)
+    model = data.get("model")
+    kind = model.get("kind", "helium") if isinstance(model, dict) else "helium"
+    moved = []
+    for old, new in LEGACY_MOVES.get(kind, []):
+        *parents, leaf = old.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        dst = data
+        for p in new_parents:
+            dst = dst.setdefault(p, {})
+        if isinstance(value, dict) and isinstance(dst.get(new_leaf), dict):
+            value = {**dst[new_leaf], **value}
+        dst[new_leaf] = value
+        moved.append(f"{old} -> {new}")
+    return data, moved
+
+
+def from_dict(data: dict, overrides: list[str] | None = None, *, on_legacy=None) -> Config:
+    """Build and validate a Config from a plain dict (``base:`` already resolved) and overrides.
+    Keys of the old layout are moved (``on_legacy(["old -> new", ...])`` is told, if given)."""
     data = dict(data or {})
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
+    data, moved = migrate_legacy(data)
+    if moved and on_legacy is not None:
+        on_legacy(moved)
     cfg = _build(Config, data, "")
     cfg.validate()
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    return from_dict(data, overrides)
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_tree(path: str | Path, _chain: tuple = ()) -> dict:
+    """A YAML config file as a dict, with its ``base:`` (a path relative to the file) merged under
+    it: mappings merge key by key, anything else in the file replaces the base's value."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory: give a YAML file, e.g. configs/helium_tiny.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected a path to another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        raise ConfigError(f"{path}: base: {base} makes a cycle")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config not found: {base} (looked at {base_path})")
+    return _deep_merge(read_config_tree(base_path, _chain + (path.resolve(),)), data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, on_legacy=None) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None), resolve its ``base:`` chain,
+    then apply ``key=value`` overrides. Old-layout keys load, and ``on_legacy`` hears of them
+    (default: one warning line on stderr)."""
+    data: dict = {} if path is None else read_config_tree(path)
+    if on_legacy is None:
+        def on_legacy(moved):
+            import sys
+
+            print(f"moshax: warning: {path}: old config layout, loaded with {'; '.join(moved)} "
+                  "(update the file; `moshax config show` prints the new form)", file=sys.stderr)
+    return from_dict(data, overrides, on_legacy=on_legacy)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of plain values on one line (``delays: [0, 0, 1, ...]``), as the files write them."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, (dict, list)) for x in v)))
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML; :func:`load_config` of it gives an equal config."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)

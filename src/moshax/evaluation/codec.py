@@ -1,10 +1,5 @@
 """Codec evaluation and whole-file encode/decode with a Mimi.
 
-* :class:`CodecRunner` encodes / decodes audio of any length in fixed chunks (default 10 s)
-  through Mimi's streaming API, so memory stays bounded and each chunk shape compiles once; the
-  result equals one batch ``encode`` / ``decode`` of the whole signal (the model is causal).
-  The signal is zero-padded at the end to whole frames (1920 samples at 24 kHz); decoding gives
-  ``frames * 1920`` samples (:meth:`CodecRunner.roundtrip` trims back to the input length).
 * :func:`evaluate_codec` round-trips every audio file of a folder and reports SI-SDR (dB, mean
   over files), mel distance (multi-scale log10-mel L1, :func:`moshax.models.mimi.losses.mel_loss`:
   n_fft 512/1024/2048 with 64/80/128 HTK mel bands, hop n_fft / 4, magnitude floor 1e-5; mean over
@@ -19,65 +14,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from moshax.inference.bound import BoundModel
-
-
-class CodecRunner:
-    """Chunked, jitted whole-signal encode/decode for one Mimi (batch of one, mono)."""
-
-    def __init__(self, mimi, num_codebooks: int | None = None, chunk_frames: int = 125):
-        q = mimi.cfg.quantizer
-        k = q.num_codebooks if num_codebooks is None else int(num_codebooks)
-        if not q.n_q_semantic <= k <= q.n_q:
-            from moshax.config import ConfigError
-
-            raise ConfigError(f"--num-codebooks {k}: this Mimi has {q.n_q} codebooks "
-                              f"(use {q.n_q_semantic}..{q.n_q})")
-        bound = BoundModel(mimi)  # weights bound once, transformers in the inference layout
-        self.mimi = bound.model
-        self.num_codebooks = k
-        self.chunk_frames = int(chunk_frames)
-        self.frame_size = mimi.frame_size
-        self.sample_rate = mimi.cfg.sample_rate
-        self._enc = bound.jit(lambda m, x, s: m.encode_step(x, s, k), donate_argnums=(1,))
-        self._dec = bound.jit(lambda m, c, s: m.decode_step(c, s), donate_argnums=(1,))
-
-    def frames_for(self, num_samples: int) -> int:
-        return max(1, math.ceil(num_samples / self.frame_size))
-
-    def encode(self, audio: np.ndarray) -> np.ndarray:
-        """Mono audio [T] (or [1, T]) at the codec's rate -> codes int32 [K, ceil(T / frame_size)]."""
-        x = np.asarray(audio, np.float32).reshape(-1)
-        frames = self.frames_for(x.shape[0])
-        n = self.chunk_frames * self.frame_size
-        total = -(-frames // self.chunk_frames) * n
-        x = np.pad(x, (0, total - x.shape[0]))
-        state = self.mimi.init_state(1)
-        out = []
-        for start in range(0, total, n):
-            chunk = jnp.asarray(x[start:start + n])[None, None]
-            codes, state = self._enc(chunk, state)
-            out.append(np.asarray(codes[0]))
-        return np.concatenate(out, axis=-1)[:, :frames].astype(np.int32)
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """codes [K, frames] -> mono audio float32 [frames * frame_size]."""
-        c = np.asarray(codes, np.int32)
-        frames = c.shape[-1]
-        total = -(-frames // self.chunk_frames) * self.chunk_frames
-        c = np.pad(c, ((0, 0), (0, total - frames)))
-        state = self.mimi.init_state(1)
-        out = []
-        for start in range(0, total, self.chunk_frames):
-            audio, state = self._dec(jnp.asarray(c[:, start:start + self.chunk_frames])[None], state)
-            out.append(np.asarray(audio[0, 0]))
-        return np.concatenate(out)[: frames * self.frame_size].astype(np.float32)
-
-    def roundtrip(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(codes, decoded audio trimmed to the input length)."""
-        x = np.asarray(audio, np.float32).reshape(-1)
-        codes = self.encode(x)
-        return codes, self.decode(codes)[: x.shape[0]]
+from moshax.inference.codec import CodecRunner
 
 
 def si_sdr_np(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> float:
@@ -156,4 +93,26 @@ def format_report(report: dict) -> str:
             f"{report['mel_distance']:.4f}" + (f", {rtf:.1f}x real time" if rtf else ""))
 
 
-__all__ = ["CodecRunner", "evaluate_codec", "bitrate", "format_report", "si_sdr_np", "mel_distance_np"]
+__all__ = ["evaluate_codec", "bitrate", "format_report", "si_sdr_np", "mel_distance_np"]
+
+
+def evaluate_codec_checkpoint(ckpt, model_cfg, folder: str, mesh_cfg=None, progress: bool = False) -> dict:
+    """:func:`evaluate_codec` of a Mimi checkpoint (``model_cfg`` None: the checkpoint's own)."""
+    from pathlib import Path
+
+    import jax
+
+    from moshax.checkpoint.model import build_model_from_checkpoint
+    from moshax.config import ConfigError, MeshConfig
+    from moshax.parallel.mesh import build_mesh
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--audio folder not found: {folder}")
+    if ckpt.model_kind != "mimi":
+        raise ConfigError(f"{ckpt.step_dir} holds a {ckpt.model_kind} model; --audio evaluates a Mimi codec "
+                          "(use --shards DIR for an LM)")
+    mesh = build_mesh(mesh_cfg or MeshConfig(), jax.devices())
+    with jax.set_mesh(mesh):
+        mimi, _ = build_model_from_checkpoint(ckpt, model_cfg, mesh)
+    result = dict(evaluate_codec(mimi, folder, progress=progress))
+    return {"checkpoint": str(ckpt.step_dir), "kind": "mimi", "audio": str(folder), **result}

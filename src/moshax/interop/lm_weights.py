@@ -577,3 +577,26 @@ def moshi_config_to_kyutai(cfg: MoshiLMConfig) -> dict:
         "depformer_weights_per_step_schedule": cfg.depformer_weights_per_step_schedule,
         "delays": list(cfg.delays),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The interop the registry (kind "moshi") names
+# ---------------------------------------------------------------------------------------------
+
+config_from_kyutai = moshi_config_from_kyutai
+config_to_kyutai = moshi_config_to_kyutai
+WeightsError = CheckpointMismatchError
+
+
+def params_from_kyutai(weights: str | Path, cfg: MoshiLMConfig) -> tuple[dict, dict]:
+    """A Kyutai ``.safetensors`` Moshi LM -> (params, rest={}) pure numpy dicts for ``cfg``."""
+    return lm_params_from_kyutai(read_safetensors(weights), cfg), {}
+
+
+def params_to_kyutai(params: dict, rest: dict, cfg: MoshiLMConfig, dtype=None) -> dict[str, np.ndarray]:
+    del rest
+    return lm_params_to_kyutai(params, cfg, dtype=dtype)
+
+
+def write_kyutai(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
+    write_safetensors(path, tensors)

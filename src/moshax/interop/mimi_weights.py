@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moshax.config import ConfigError
 from moshax.models.mimi.config import MimiConfig
 
 
@@ -296,3 +297,94 @@ def save_mimi(model, path: str | Path) -> None:
     from safetensors.numpy import save_file
 
     save_file(kyutai_state_dict(model), str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, and the interop the registry (kind "mimi") names
+# ---------------------------------------------------------------------------------------------
+
+
+def config_from_kyutai(d: dict[str, Any], **overrides):
+    """A :class:`~moshax.models.mimi.config.MimiConfig` from a Kyutai ``_mimi_config``-shaped dict;
+    missing keys take the released Mimi's values. Unsupported variants raise ConfigError."""
+    cfg = MimiConfig()
+    s, t, q = cfg.seanet, cfg.transformer, cfg.quantizer
+    cfg.sample_rate = int(d.get("sample_rate", cfg.sample_rate))
+    cfg.frame_rate = float(d.get("frame_rate", cfg.frame_rate))
+    sd = dict(d.get("seanet") or {})
+    for key, ok in (("activation", "ELU"), ("norm", "none"), ("causal", True), ("disable_norm_outer_blocks", 0)):
+        if key in sd and sd[key] != ok:
+            raise ConfigError(f"Kyutai Mimi config: seanet.{key}={sd[key]!r} is not supported (only {ok!r})")
+    s.channels = int(d.get("channels", sd.get("channels", s.channels)))
+    for name in ("dimension", "n_filters", "n_residual_layers", "kernel_size", "last_kernel_size",
+                 "residual_kernel_size", "dilation_base", "compress"):
+        if name in sd:
+            setattr(s, name, int(sd[name]))
+    if "ratios" in sd:
+        s.ratios = [int(r) for r in sd["ratios"]]
+    if "true_skip" in sd:
+        s.true_skip = bool(sd["true_skip"])
+    if "pad_mode" in sd:
+        s.pad_mode = str(sd["pad_mode"])
+    if "activation_params" in sd:
+        s.elu_alpha = float(dict(sd["activation_params"]).get("alpha", s.elu_alpha))
+    td = dict(d.get("transformer") or {})
+    for key, ok in (("gating", "none"), ("norm", "layer_norm"), ("positional_embedding", "rope"), ("causal", True)):
+        if key in td and td[key] != ok:
+            raise ConfigError(f"Kyutai Mimi config: transformer.{key}={td[key]!r} is not supported (only {ok!r})")
+    t.dim = int(td.get("d_model", s.dimension))
+    for ours, theirs in (("num_heads", "num_heads"), ("num_layers", "num_layers"), ("hidden_dim", "dim_feedforward"),
+                         ("context", "context")):
+        if theirs in td:
+            setattr(t, ours, int(td[theirs]))
+    if "max_period" in td:
+        t.max_period = float(td["max_period"])
+    if "layer_scale" in td:
+        t.layer_scale = None if td["layer_scale"] is None else float(td["layer_scale"])
+    qd = dict(d.get("quantizer") or {})
+    for name in ("dimension", "n_q", "bins"):
+        if name in qd:
+            setattr(q, name, int(qd[name]))
+    if "n_q_semantic" in qd:
+        q.n_q_semantic = int(qd["n_q_semantic"])
+    q.num_codebooks = min(q.num_codebooks, q.n_q)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.validate("kyutai config")
+    return cfg
+
+
+WeightsError = MimiWeightsError
+
+
+def params_from_kyutai(weights: str | Path, cfg: MimiConfig) -> tuple[dict, dict]:
+    """A Kyutai ``.safetensors`` Mimi -> (params, rest) pure numpy dicts for ``cfg``."""
+    from safetensors.numpy import load_file
+
+    model = mimi_from_kyutai_state_dict(load_file(str(weights)), cfg)
+    _, p_state, r_state = nnx.split(model, nnx.Param, ...)
+    to_np = lambda tree: jax.tree.map(np.asarray, nnx.to_pure_dict(tree))  # noqa: E731
+    return to_np(p_state), to_np(r_state)
+
+
+def params_to_kyutai(params: dict, rest: dict, cfg: MimiConfig, dtype=None) -> dict[str, np.ndarray]:
+    """(params, rest) of a moshax Mimi -> Kyutai's released state dict (floats cast to ``dtype``)."""
+    from moshax.layers.params import dtype_of
+    from moshax.models.mimi.model import Mimi
+
+    model = nnx.eval_shape(lambda: Mimi(cfg, rngs=nnx.Rngs(0)))
+    _, p_state, r_state = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(p_state, params)
+    nnx.replace_by_pure_dict(r_state, rest)
+    nnx.update(model, p_state, r_state)
+    tensors = kyutai_state_dict(model)
+    if dtype:
+        np_dtype = np.dtype(dtype_of(dtype))
+        tensors = {k: v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
+    return tensors
+
+
+def write_kyutai(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path))

@@ -13,144 +13,22 @@ past the end (NaN logits) and targets equal to -1 are masked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moshax.config import DTYPES, ConfigError, TransformerConfig, _choice, _positive
+from moshax.config import ConfigError
 from moshax.layers.attention import KVCache
+from moshax.layers.losses import cross_entropy_sums
 from moshax.layers.norms import make_norm
 from moshax.layers.params import dtype_of, normal, param
 from moshax.layers.transformer import Transformer
 from moshax.models.depformer import STEP_AXIS, Depformer
+from moshax.models.moshi_config import MOSHIKO_DELAYS, MoshiAugmentConfig, MoshiLMConfig, MoshiTaskConfig  # noqa: F401
 from moshax.parallel.sharding import constrain
 
-MOSHIKO_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
 ZERO_TOKEN = -1  # embeds to an exact zero vector, masked in the loss
 UNGENERATED_TOKEN = -2  # inference only: "to be sampled"
-
-
-def _helium_7b_temporal() -> TransformerConfig:
-    return TransformerConfig(dim=4096, num_heads=32, num_layers=32, hidden_dim=11264, context=3000)
-
-
-def _moshi_depformer() -> TransformerConfig:
-    return TransformerConfig(dim=1024, num_heads=16, num_layers=6, hidden_dim=2816, context=8, positional="none")
-
-
-@dataclass
-class MoshiAugmentConfig:
-    """Training-time augmentations of Moshi's audio pretraining (paper, section 4.4), applied by the
-    training task from the step's rng (jit-friendly; eval and inference never apply them).
-
-    * ``text_delay_s``: each example's text stream is shifted against the audio by a random whole
-      number of frames, uniform in [-floor(text_delay_s * frame_rate), +floor(...)] (the paper: 0.6 s
-      = +-7 frames at 12.5 Hz); positive = text later. Frames shifted in from outside the example
-      are the zero token (-1: no input, no loss).
-    * ``text_mask_prob``: text positions replaced by the zero token (-1) with this probability
-      (paper: 30%); ``text_mask_mode`` "token" draws per position, "example" masks whole examples'
-      text streams (audio-only examples)."""
-
-    text_delay_s: float = 0.0
-    text_mask_prob: float = 0.0
-    text_mask_mode: str = "token"  # token | example
-
-    def validate(self, where: str) -> None:
-        if self.text_delay_s < 0:
-            raise ConfigError(f"{where}.text_delay_s={self.text_delay_s}: must be >= 0")
-        if not 0.0 <= self.text_mask_prob <= 1.0:
-            raise ConfigError(f"{where}.text_mask_prob={self.text_mask_prob}: must be in [0, 1]")
-        _choice(f"{where}.text_mask_mode", self.text_mask_mode, ("token", "example"))
-
-
-@dataclass
-class MoshiLMConfig:
-    """Moshi RQ-Transformer. Defaults are moshiko's (Kyutai ``loaders._lm_kwargs``)."""
-
-    kind: str = "moshi"
-    text_card: int = 32000  # text vocab; the text tables have one more row (initial token = text_card)
-    card: int = 2048  # audio codebook size; the audio tables have one more row (initial token = card)
-    n_q: int = 16  # input audio streams (Moshi's dep_q first, then the user's)
-    dep_q: int = 8  # predicted audio codebooks (depth steps = dep_q: text + dep_q - 1 audio inputs)
-    delays: list[int] = field(default_factory=lambda: list(MOSHIKO_DELAYS))  # per stream, len n_q + 1
-    transformer: TransformerConfig = field(default_factory=_helium_7b_temporal)  # temporal
-    depformer: TransformerConfig = field(default_factory=_moshi_depformer)  # depth; context unused
-    depformer_weights_per_step: bool = True
-    depformer_weights_per_step_schedule: list[int] | None = None  # step -> weight set (sharing)
-    depformer_multi_linear: bool = True  # one depformer_in projection per step (else one shared)
-    existing_text_padding_id: int = 3  # PAD
-    existing_text_end_padding_id: int = 0  # EPAD
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    # loss weights (moshi-finetune): PAD/EPAD text targets, semantic codebook, acoustic codebooks
-    text_padding_weight: float = 0.5
-    semantic_weight: float = 100.0
-    acoustic_weight: float = 1.0
-    frame_rate: float = 12.5  # time steps per second (Mimi frames)
-    # training only: augmentations and a warm start ("" = random init). init_from names a moshax
-    # checkpoint dir (a trainer workdir, its checkpoints/ dir, or a `moshax convert` output): a
-    # Helium checkpoint fills the text embedding, temporal transformer, out_norm and text head;
-    # a Moshi LM checkpoint fills every param.
-    augment: MoshiAugmentConfig = field(default_factory=MoshiAugmentConfig)
-    init_from: str = ""
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.n_q + 1
-
-    @property
-    def num_depformer_weights(self) -> int:
-        if not self.depformer_weights_per_step:
-            return 1
-        if self.depformer_weights_per_step_schedule:
-            return max(self.depformer_weights_per_step_schedule) + 1
-        return self.dep_q
-
-    @property
-    def num_depformer_in(self) -> int:
-        if not self.depformer_multi_linear:
-            return 1
-        if self.depformer_weights_per_step_schedule:
-            return max(self.depformer_weights_per_step_schedule) + 1
-        return self.dep_q
-
-    def validate(self, where: str = "model") -> None:
-        for name in ("text_card", "card", "n_q", "dep_q"):
-            _positive(f"{where}.{name}", getattr(self, name))
-        if self.dep_q > self.n_q:
-            raise ConfigError(f"{where}.dep_q={self.dep_q} exceeds {where}.n_q={self.n_q}")
-        if len(self.delays) != self.n_q + 1:
-            raise ConfigError(
-                f"{where}.delays has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1} (text first)")
-        if any(d < 0 for d in self.delays):
-            raise ConfigError(f"{where}.delays={self.delays}: delays must be >= 0")
-        sched = self.depformer_weights_per_step_schedule
-        if sched is not None:
-            if len(sched) != self.dep_q:
-                raise ConfigError(f"{where}.depformer_weights_per_step_schedule has {len(sched)} entries, "
-                                  f"expected dep_q = {self.dep_q}")
-            if min(sched) < 0:
-                raise ConfigError(f"{where}.depformer_weights_per_step_schedule={sched}: entries must be >= 0")
-            if not self.depformer_weights_per_step:
-                raise ConfigError(f"{where}.depformer_weights_per_step_schedule needs "
-                                  f"{where}.depformer_weights_per_step: true")
-        for name in ("existing_text_padding_id", "existing_text_end_padding_id"):
-            v = getattr(self, name)
-            if not 0 <= v < self.text_card:
-                raise ConfigError(f"{where}.{name}={v}: must be in [0, text_card={self.text_card})")
-        for name in ("text_padding_weight", "semantic_weight", "acoustic_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}={getattr(self, name)}: must be >= 0")
-        _choice(f"{where}.dtype", self.dtype, DTYPES)
-        _choice(f"{where}.param_dtype", self.param_dtype, DTYPES)
-        _positive(f"{where}.frame_rate", self.frame_rate)
-        self.augment.validate(f"{where}.augment")
-        self.transformer.validate(f"{where}.transformer")
-        self.depformer.validate(f"{where}.depformer")
-        if not self.depformer.gated:
-            raise ConfigError(f"{where}.depformer.gated=false: the depformer needs a gated MLP")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +231,8 @@ class MoshiLM(nnx.Module):
         shift), NaN where masked for running past the end, as Kyutai's ``LMModel.forward``."""
         cfg = self.cfg
         b, k, t = codes.shape
-        if k != cfg.num_codebooks:
-            raise ValueError(f"codes have {k} streams, expected n_q + 1 = {cfg.num_codebooks}")
+        if k != cfg.num_streams:
+            raise ValueError(f"codes have {k} streams, expected n_q + 1 = {cfg.num_streams}")
         codes = codes.astype(jnp.int32)
         init = initial_tokens(cfg)
         delayed = delay_sequence(codes, cfg.delays, init)
@@ -369,31 +247,13 @@ class MoshiLM(nnx.Module):
 
     __call__ = forward_train
 
-    def loss(self, outputs: dict, codes) -> dict:
-        """:func:`loss` with this model's config."""
-        return loss(outputs, codes, self.cfg)
+    def loss(self, outputs: dict, codes, weights: MoshiTaskConfig | None = None) -> dict:
+        """:func:`loss` with this model's config (``weights``: the task's loss weights, default
+        moshi-finetune's)."""
+        return loss(outputs, codes, self.cfg, weights)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
-
-
-def warm_start_from_helium(model: MoshiLM, helium) -> MoshiLM:
-    """Copy a Helium text LM into Moshi's temporal side, in place: ``transformer``, ``out_norm``,
-    ``text_linear`` and the first ``vocab_size`` rows of ``text_emb`` (the initial-token row and
-    all audio/depth weights keep their init). The two configs' temporal transformers must match."""
-    cfg = model.cfg
-    if helium.cfg.vocab_size != cfg.text_card:
-        raise ConfigError(f"Helium vocab_size={helium.cfg.vocab_size} != model.text_card={cfg.text_card}")
-    src, dst = nnx.state(helium.transformer, nnx.Param), nnx.state(model.transformer, nnx.Param)
-    ssh = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(src))
-    dsh = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(dst))
-    if ssh != dsh:
-        raise ConfigError("Helium's transformer does not match model.transformer (sizes or norm differ)")
-    nnx.update(model.transformer, jax.tree.map(lambda a, b: a.astype(b.dtype), src, dst))
-    nnx.update(model.out_norm, nnx.state(helium.out_norm, nnx.Param))
-    model.text_linear[...] = helium.text_linear[...].astype(model.text_linear[...].dtype)
-    model.text_emb[...] = model.text_emb[...].at[: cfg.text_card].set(helium.text_emb[...].astype(model.text_emb[...].dtype))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,9 +261,11 @@ def warm_start_from_helium(model: MoshiLM, helium) -> MoshiLM:
 # ---------------------------------------------------------------------------------------------
 
 
-def loss(outputs: dict, codes, cfg: MoshiLMConfig) -> dict:
+def loss(outputs: dict, codes, cfg: MoshiLMConfig, weights: MoshiTaskConfig | None = None) -> dict:
     """moshi-finetune's losses as (sum, weight) pairs (float32 scalars), from
     :meth:`MoshiLM.forward_train` outputs and the same ``codes`` [B, n_q + 1, T]:
+
+    ``weights`` (a :class:`MoshiTaskConfig`, default moshi-finetune's values) holds the weights:
 
     * ``text``: CE of valid text positions, PAD/EPAD targets weighted ``text_padding_weight``;
     * ``semantic``: CE of the first predicted codebook, weight ``semantic_weight`` per position;
@@ -413,8 +275,7 @@ def loss(outputs: dict, codes, cfg: MoshiLMConfig) -> dict:
     moshi-finetune's training loss is ``text_sum / text_weight + audio_sum / audio_weight``
     (see :func:`total_loss`). Masked positions have zero weight and their (NaN) logits are ignored.
     """
-    from moshax.training.losses import cross_entropy_sums  # shared CE; models/ keeps no import-time tie to training/
-
+    w = weights if weights is not None else MoshiTaskConfig()
     codes = codes.astype(jnp.int32)
     dep_q = outputs["logits"].shape[1]
 
@@ -426,15 +287,15 @@ def loss(outputs: dict, codes, cfg: MoshiLMConfig) -> dict:
     text_t = codes[:, :1]
     text_mask = outputs["text_mask"]
     is_pad = (text_t == cfg.existing_text_padding_id) | (text_t == cfg.existing_text_end_padding_id)
-    text_w = jnp.where(is_pad, cfg.text_padding_weight, 1.0)
+    text_w = jnp.where(is_pad, w.text_padding_weight, 1.0)
     out = {"text": ce(outputs["text_logits"], text_t, text_mask, text_w)}
 
     audio_t = codes[:, 1: 1 + dep_q]
     mask = outputs["mask"]
     sem = ce(outputs["logits"][:, :1], audio_t[:, :1], mask[:, :1],
-             jnp.full(mask[:, :1].shape, cfg.semantic_weight, jnp.float32))
+             jnp.full(mask[:, :1].shape, w.semantic_weight, jnp.float32))
     aco = ce(outputs["logits"][:, 1:], audio_t[:, 1:], mask[:, 1:],
-             jnp.full(mask[:, 1:].shape, cfg.acoustic_weight, jnp.float32))
+             jnp.full(mask[:, 1:].shape, w.acoustic_weight, jnp.float32))
     out["semantic"] = sem
     out["acoustic"] = aco
     out["audio"] = (sem[0] + aco[0], sem[1] + aco[1])

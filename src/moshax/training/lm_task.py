@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moshax.config import Config
+from moshax.layers.losses import cross_entropy_sums
 from moshax.models.helium import Helium
-from moshax.training.losses import cross_entropy_sums
-from moshax.training.metrics import transformer_flops_per_token
+from moshax.training.metrics import stack_matmul_params, training_flops_per_token
+from moshax.training.task import Task
 
 
-class LMTask:
+class LMTask(Task):
     """What the generic trainer needs to pretrain a Helium LM on packed text."""
 
-    name = "helium"
+    token_losses = True
+    shard_kind = "text"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.seq_len = cfg.data.seq_len
-
-    def build_model(self, rngs: nnx.Rngs) -> Helium:
-        return Helium(self.cfg.model, rngs=rngs)
 
     def example_spec(self) -> dict:
         """Shape and dtype of one example, per batch field."""
@@ -31,12 +30,21 @@ class LMTask:
         return {"tokens": ("act_batch", None)}
 
     def loss(self, model: Helium, batch: dict, rng):
-        """Next-token CE over ``tokens[:, :-1] -> tokens[:, 1:]``, as (sum, weight, aux)."""
+        """Next-token CE over ``tokens[:, :-1] -> tokens[:, 1:]``, as (sum, weight, aux); targets
+        below 0 (the padding of ``moshax eval``'s last batch) carry no loss."""
         del rng
         tokens = batch["tokens"]
-        logits, _ = model(tokens[:, :-1])
-        loss_sum, weight = cross_entropy_sums(logits, tokens[:, 1:])
+        targets = tokens[:, 1:]
+        logits, _ = model(jnp.maximum(tokens[:, :-1], 0))
+        loss_sum, weight = cross_entropy_sums(logits, jnp.maximum(targets, 0), (targets >= 0).astype(jnp.float32))
         return loss_sum, weight, {}
+
+    def eval_report(self, totals: dict) -> dict:
+        out = super().eval_report(totals)
+        s, w = totals["loss"]
+        out["streams"] = [{"stream": "text", "tokens": int(round(float(w))), "cross_entropy": out["loss"],
+                           "perplexity": out["perplexity"]}]
+        return out
 
     def data_iterator(self, split: str, *, global_batch_size: int, process_index: int, process_count: int):
         """A checkpointable Grain iterator, or None when the split has no sources."""
@@ -83,13 +91,11 @@ class LMTask:
         if vocab > self.cfg.model.vocab_size:
             raise ConfigError(f"{where} has {vocab} pieces but model.vocab_size={self.cfg.model.vocab_size}")
 
-    def flops_per_example(self, num_params: int, num_embedding_params: int) -> float:
+    def flops_per_example(self) -> float:
+        """6 x (transformer + text head) per token + attention over the sequence."""
         t = self.cfg.model.transformer
-        per_token = transformer_flops_per_token(num_params - num_embedding_params, t.num_layers, t.dim, self.seq_len)
-        return per_token * self.seq_len
+        matmul = stack_matmul_params(t) + t.dim * self.cfg.model.vocab_size
+        return training_flops_per_token(matmul, ((t.num_layers, t.dim, self.seq_len),)) * self.seq_len
 
     def tokens_per_example(self) -> int:
         return self.seq_len
-
-    def embedding_params(self) -> int:
-        return self.cfg.model.vocab_size * self.cfg.model.transformer.dim

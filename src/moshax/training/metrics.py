@@ -33,9 +33,17 @@ def peak_flops_per_device(device_kind: str | None = None) -> float | None:
     return None
 
 
-def transformer_flops_per_token(num_matmul_params: int, num_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 N + 12 L d T (PaLM appendix B)."""
-    return 6.0 * num_matmul_params + 12.0 * num_layers * dim * seq_len
+def stack_matmul_params(t) -> int:
+    """Matmul params of one transformer stack (one weight set): attention + (gated) MLP."""
+    mlp = (3 if t.gated else 2) * t.dim * t.hidden_dim
+    return t.num_layers * (4 * t.dim * t.dim + mlp)
+
+
+def training_flops_per_token(matmul_params: float, attention: tuple = ()) -> float:
+    """The one training-FLOPs formula (forward + backward, PaLM appendix B): ``6 N`` for the N
+    matmul params a token goes through, plus ``12 L d T`` for each attention stack
+    ``(layers L, dim d, keys attended T)`` in ``attention``."""
+    return 6.0 * matmul_params + sum(12.0 * layers * dim * keys for layers, dim, keys in attention)
 
 
 class MetricsWriter:

@@ -12,8 +12,10 @@ so each half only moves its own parameters. Give the discriminator its own param
 commitment_weight * VQ commitment + distill_weight * (1 - cos(proj(semantic), teacher))
 [+ l1_weight * L1 + mel_weight * multi-scale log-mel L1]``; ``D_loss`` is the hinge loss on real
 vs decoded crops. EMA codebook updates, k-means init and dead-code replacement happen inside the
-loss (non-Param variables the trainer keeps), quantizer dropout per ``model.quantizer.q_dropout``.
-With ``model.train.balancer`` the losses on the decoded audio (adversarial, feature matching, L1,
+loss (non-Param variables the trainer keeps), quantizer dropout per ``task.quantizer_dropout``.
+The losses, discriminator and teacher are the ``task:`` section
+(:class:`moshax.models.mimi.config.MimiTaskConfig`), the audio crops the ``data:`` section.
+With ``task.balancer`` the losses on the decoded audio (adversarial, feature matching, L1,
 mel) are combined with audiocraft's gradient balancer instead of plain weights.
 
 The trainer's model is :class:`MimiForTraining`: a :class:`Mimi` with two more attributes,
@@ -37,7 +39,9 @@ from moshax.layers.params import normal, param
 from moshax.models.mimi import losses as L
 from moshax.models.mimi.discriminator import MultiScaleSTFTDiscriminator
 from moshax.models.mimi.model import Mimi
-from moshax.models.mimi.teacher import pool_to_rate
+from moshax.training.metrics import stack_matmul_params, training_flops_per_token
+from moshax.training.mimi_teacher import pool_to_rate
+from moshax.training.task import Task
 
 
 class TrainCounter(nnx.Variable):
@@ -47,9 +51,9 @@ class TrainCounter(nnx.Variable):
 class MimiForTraining(Mimi):
     """The codec plus what only training needs: the discriminator and the distillation projection."""
 
-    def __init__(self, cfg, *, teacher_dim: int = 0, rngs: nnx.Rngs):
+    def __init__(self, cfg, discriminator, *, teacher_dim: int = 0, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
-        self.discriminator = MultiScaleSTFTDiscriminator(cfg.train.discriminator, in_channels=cfg.seanet.channels,
+        self.discriminator = MultiScaleSTFTDiscriminator(discriminator, in_channels=cfg.seanet.channels,
                                                          dtype=self.dtype, rngs=rngs)
         dim = cfg.seanet.dimension
         self.distill_proj = (param(rngs, normal(dim ** -0.5), (dim, teacher_dim), ("embed", None))
@@ -63,19 +67,16 @@ def _frozen(module):
     return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
 
 
-class MimiTask:
-    name = "mimi"
-
+class MimiTask(Task):
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.model_cfg = cfg.model
-        self.tc = cfg.model.train
+        super().__init__(cfg)
+        self.tc = cfg.task
         from data_pipeline.audio_loader import crop_samples
 
         m = self.model_cfg
-        self.num_samples = crop_samples(self.tc.crop_seconds, m.sample_rate, m.frame_size)
+        self.num_samples = crop_samples(self.data_cfg.crop_seconds, m.sample_rate, m.frame_size)
         if self.num_samples < self.tc.discriminator.min_samples():
-            raise ConfigError(f"model.train.crop_seconds={self.tc.crop_seconds}: crops of {self.num_samples} samples "
+            raise ConfigError(f"data.crop_seconds={self.data_cfg.crop_seconds}: crops of {self.num_samples} samples "
                               f"are shorter than the largest discriminator n_fft {self.tc.discriminator.min_samples()}")
         self.frames = self.num_samples // m.frame_size
         t = self.tc.teacher
@@ -86,12 +87,12 @@ class MimiTask:
             if not self.teacher_dim:
                 self.teacher_dim = self._npy_dim()
         elif t.kind != "none":
-            from moshax.models.mimi.teacher import build_teacher
+            from moshax.training.mimi_teacher import build_teacher
 
             self._teacher = build_teacher(t, m.sample_rate)
             self.teacher_dim, self.teacher_rate = int(self._teacher.dim), float(self._teacher.frame_rate)
         if self.teacher_dim:
-            from moshax.models.mimi.teacher import teacher_frames
+            from moshax.training.mimi_teacher import teacher_frames
 
             self.teacher_frames = teacher_frames(self.num_samples, m.sample_rate, self.teacher_rate)
             pool_to_rate(jnp.zeros((1, self.teacher_frames, 1)), self.teacher_rate, m.frame_rate)  # checks the ratio
@@ -100,7 +101,7 @@ class MimiTask:
         from data_pipeline.audio import list_audio_files
         from data_pipeline.audio_loader import features_path
 
-        sources = self.audio_config().train_sources
+        sources = self.data_cfg.train_sources
         if not sources:
             return 0
         first = features_path(list_audio_files(sources)[0], self.tc.teacher.suffix)
@@ -114,13 +115,13 @@ class MimiTask:
     # ----------------------------------------------------------------------------- model
 
     def build_model(self, rngs: nnx.Rngs) -> MimiForTraining:
-        return MimiForTraining(self.model_cfg, teacher_dim=self.teacher_dim, rngs=rngs)
+        return MimiForTraining(self.model_cfg, self.tc.discriminator, teacher_dim=self.teacher_dim, rngs=rngs)
 
     def init_params(self, params: dict, rest: dict, trainer):
-        """Warm start the codec from ``model.train.init_from`` (the discriminator stays fresh)."""
+        """Warm start the codec from ``task.init_from`` (the discriminator stays fresh)."""
         if not self.tc.init_from:
             return params, rest
-        from moshax.models.mimi.model import load_codec
+        from moshax.checkpoint.model import load_codec
 
         codec = load_codec(self.tc.init_from)
         _, p, r = nnx.split(codec, nnx.Param, ...)
@@ -129,12 +130,12 @@ class MimiTask:
         def put(dst, src, where):
             for k, v in src.items():
                 if k not in dst:
-                    raise ConfigError(f"model.train.init_from={self.tc.init_from}: unexpected entry {where}{k}")
+                    raise ConfigError(f"task.init_from={self.tc.init_from}: unexpected entry {where}{k}")
                 if isinstance(v, dict):
                     put(dst[k], v, f"{where}{k}/")
                 else:
                     if tuple(dst[k].shape) != tuple(v.shape):
-                        raise ConfigError(f"model.train.init_from={self.tc.init_from}: {where}{k} has shape "
+                        raise ConfigError(f"task.init_from={self.tc.init_from}: {where}{k} has shape "
                                           f"{tuple(v.shape)}, the model {tuple(dst[k].shape)}")
                     dst[k] = jax.device_put(jnp.asarray(v, dst[k].dtype), dst[k].sharding)
 
@@ -153,29 +154,17 @@ class MimiTask:
     def batch_axes(self) -> dict:
         return {"audio": ("act_batch", None, None), "teacher": ("act_batch", None, None)}
 
-    def audio_config(self):
-        """The top-level ``audio`` section when the Config has one with sources, else the
-        ``model.train`` fields."""
-        from data_pipeline.audio_loader import AudioDataConfig
-
-        top = getattr(self.cfg, "audio", None)
-        if top is not None and (top.train_sources or top.eval_sources):
-            return top
-        tc = self.tc
-        return AudioDataConfig(train_sources=list(tc.train_sources), eval_sources=list(tc.eval_sources),
-                               crop_seconds=tc.crop_seconds, num_workers=tc.num_workers, num_threads=tc.num_threads)
-
     def data_iterator(self, split: str, *, global_batch_size: int, process_index: int, process_count: int):
         from data_pipeline.audio_loader import Features, make_audio_iterator
 
         t = self.tc.teacher
         features = Features(t.suffix, t.frame_rate, t.dim) if t.kind == "npy" else None
         m = self.model_cfg
-        it = make_audio_iterator(self.audio_config(), split=split, global_batch_size=global_batch_size,
+        it = make_audio_iterator(self.data_cfg, split=split, global_batch_size=global_batch_size,
                                  seed=self.cfg.seed, sample_rate=m.sample_rate, frame_size=m.frame_size,
                                  process_index=process_index, process_count=process_count, features=features)
         if it is not None and self._teacher is not None:
-            from moshax.models.mimi.teacher import TeacherIterator
+            from moshax.training.mimi_teacher import TeacherIterator
 
             it = TeacherIterator(it, self._teacher, self.teacher_frames)
         return it
@@ -183,9 +172,9 @@ class MimiTask:
     def check_inputs(self) -> None:
         from data_pipeline.audio_loader import build_index
 
-        a = self.audio_config()
+        a = self.data_cfg
         if not a.train_sources:
-            raise ConfigError("model.train.train_sources is empty: name audio dirs, globs, files or .jsonl manifests")
+            raise ConfigError("data.train_sources is empty: name audio dirs, globs, files or .jsonl manifests")
         t = self.tc.teacher
         from data_pipeline.audio_loader import Features
 
@@ -206,7 +195,8 @@ class MimiTask:
                                       dropout=False)
         else:
             model.forward_count[...] = step + 1
-            out = model.train_forward(audio, rng, step=step, quantize_rate=tc.quantize_rate)
+            out = model.train_forward(audio, rng, step=step, quantize_rate=tc.quantize_rate,
+                                      dropout=tc.quantizer_dropout)
         fake = out.audio.astype(jnp.float32)
 
         # discriminator on real and (stopped) decoded audio, in one pass
@@ -277,32 +267,19 @@ class MimiTask:
             aux[k] = (v * b, b)
         return g_loss + d_sum, jnp.asarray(b, jnp.float32), aux
 
-    def eval_loss(self, model: MimiForTraining, batch: dict):
-        """Evaluation: :meth:`loss` with all codebooks, every crop quantized, no EMA updates."""
-        return self.loss(model, batch, None)
-
     # ----------------------------------------------------------------------------- accounting
 
-    def flops_per_example(self, num_params: int, num_embedding_params: int) -> float:
-        """Rough training FLOPs per crop: 6 x (generator params x 25 Hz positions, as a
-        transformer; SEANet convs by their output lengths) — an estimate for MFU only."""
-        from moshax.training.metrics import transformer_flops_per_token
-
+    def flops_per_example(self) -> float:
+        """Rough training FLOPs per crop: the encoder and decoder transformers per 25 Hz position
+        (the one formula, :func:`training_flops_per_token`) + 6 x SEANet MACs — for MFU only."""
         m = self.model_cfg
         t = m.transformer
         pos = self.num_samples // m.seanet.hop_length
-        per_tok = transformer_flops_per_token(2 * _transformer_params(t), t.num_layers, t.dim, t.context)
+        per_tok = training_flops_per_token(2 * stack_matmul_params(t), ((2 * t.num_layers, t.dim, t.context),))
         return float(per_tok * pos + 6 * _seanet_macs(m, self.num_samples) * 2)
 
     def tokens_per_example(self) -> int:
         return self.frames
-
-    def embedding_params(self) -> int:
-        return 0
-
-
-def _transformer_params(t) -> int:
-    return t.num_layers * (4 * t.dim * t.dim + 2 * t.dim * t.hidden_dim)
 
 
 def _seanet_macs(m, samples: int) -> float:

@@ -1,9 +1,10 @@
 """Moshi RQ-Transformer training task: multi-stream shards, augmentations, moshi-finetune's loss,
 per-stream metrics, Helium (or Moshi) warm start.
 
-Batches are ``{"codes": int32 [B, n_q + 1, T]}`` read from multi-stream token shards
-(:mod:`data_pipeline.multistream`, ``data.train_shards`` / ``data.eval_shards``, ``T =
-data.seq_len``).
+Batches are ``{"codes": int32 [B, num_streams, frames]}`` read from multi-stream token shards
+(:mod:`data_pipeline.multistream`, ``data.train_shards`` / ``data.eval_shards``, ``frames =
+data.frames``). The loss weights, augmentations and warm start are the ``task:`` section
+(:class:`moshax.models.moshi_config.MoshiTaskConfig`).
 
 Objective and gradient accumulation
 -----------------------------------
@@ -20,8 +21,8 @@ pairs, so they are token-weighted over the whole batch:
 * ``semantic``: CE of the first (semantic) codebook, ``acoustic``: CE of the other codebooks,
 * ``audio``: the weighted audio mean that enters the objective (semantic x ``semantic_weight``).
 
-Augmentations (``model.augment``) shift each example's text stream by a random number of frames
-and mask text positions, see :class:`moshax.models.moshi_lm.MoshiAugmentConfig`. They are drawn
+Augmentations (``task.augment``) shift each example's text stream by a random number of frames
+and mask text positions, see :class:`moshax.models.moshi_config.MoshiAugmentConfig`. They are drawn
 from the step's rng; ``rng=None`` (and :meth:`MoshiTask.eval_loss`) means no augmentation.
 """
 
@@ -30,10 +31,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moshax.config import Config, ConfigError
 from moshax.models.moshi_lm import ZERO_TOKEN, MoshiAugmentConfig, MoshiLM, MoshiLMConfig, total_loss
+from moshax.training.metrics import stack_matmul_params, training_flops_per_token
+from moshax.training.task import Task
 
 METRICS = ("text", "semantic", "acoustic", "audio")
 
@@ -62,55 +64,96 @@ def augmentation_enabled(aug: MoshiAugmentConfig) -> bool:
     return aug.text_delay_s > 0 or aug.text_mask_prob > 0
 
 
-class MoshiTask:
+class MoshiTask(Task):
     """What the generic trainer needs to train the Moshi LM on multi-stream token shards."""
 
-    name = "moshi"
+    shard_kind = "multistream"
 
     def __init__(self, cfg: Config):
         if not isinstance(cfg.model, MoshiLMConfig):
             raise ConfigError(f"model.kind={getattr(cfg.model, 'kind', '?')!r}: the moshi task needs model.kind: moshi")
-        self.cfg = cfg
-        self.model_cfg: MoshiLMConfig = cfg.model
-        self.steps = cfg.data.seq_len
+        super().__init__(cfg)
+        self.frames = cfg.data.frames
 
     # ------------------------------------------------------------------ model + loss
 
-    def build_model(self, rngs: nnx.Rngs) -> MoshiLM:
-        return MoshiLM(self.model_cfg, rngs=rngs)
-
     def example_spec(self) -> dict:
-        return {"codes": ((self.model_cfg.num_codebooks, self.steps), np.int32)}
+        return {"codes": ((self.model_cfg.num_streams, self.frames), np.int32)}
 
-    def batch_axes(self) -> dict:
-        return {"codes": ("act_batch", None, None)}
+    def _losses(self, model: MoshiLM, codes, rng):
+        if rng is not None and augmentation_enabled(self.task_cfg.augment):
+            codes = augment_codes(codes, rng, self.task_cfg.augment, self.model_cfg.frame_rate)
+        out = model.forward_train(codes)
+        return out, model.loss(out, codes, self.task_cfg)
 
     def loss(self, model: MoshiLM, batch: dict, rng):
         """(total, 1.0, per-stream (sum, weight) pairs); see the module docstring. ``rng`` None
         means evaluation: no augmentation."""
-        codes = batch["codes"].astype(jnp.int32)
-        mcfg = self.model_cfg
-        if rng is not None and augmentation_enabled(mcfg.augment):
-            codes = augment_codes(codes, rng, mcfg.augment, mcfg.frame_rate)
-        out = model.forward_train(codes)
-        losses = model.loss(out, codes)
-        total = total_loss(losses)
-        return total, jnp.ones((), jnp.float32), {name: losses[name] for name in METRICS}
+        _, losses = self._losses(model, batch["codes"].astype(jnp.int32), rng)
+        return total_loss(losses), jnp.ones((), jnp.float32), {name: losses[name] for name in METRICS}
 
-    def eval_loss(self, model: MoshiLM, batch: dict):
-        """Evaluation: :meth:`loss` without augmentations (for a trainer that prefers
-        ``task.eval_loss`` over ``task.loss(model, batch, PRNGKey(0))`` in its eval step)."""
-        return self.loss(model, batch, None)
+    def eval_metrics(self, model: MoshiLM, batch: dict) -> dict:
+        """The training losses plus unweighted cross-entropies: ``text_ce`` (every text target),
+        ``text_nonpad`` (non-PAD/EPAD targets) and ``codebooks`` (a vector: one CE sum per
+        predicted codebook, 1 = semantic)."""
+        cfg = self.model_cfg
+        codes = batch["codes"].astype(jnp.int32)
+        out, losses = self._losses(model, codes, None)
+        f32 = lambda m: m.astype(jnp.float32)  # noqa: E731
+        text_t = codes[:, :1]
+        tmask = out["text_mask"]
+        tn = _nll(out["text_logits"], text_t, tmask)
+        is_pad = (text_t == cfg.existing_text_padding_id) | (text_t == cfg.existing_text_end_padding_id)
+        amask = out["mask"]
+        an = _nll(out["logits"], codes[:, 1: 1 + cfg.dep_q], amask)  # [B, dep_q, T]
+        return {
+            "loss": (total_loss(losses), jnp.ones((), jnp.float32)),
+            **{name: losses[name] for name in METRICS},
+            "text_ce": (jnp.sum(tn * f32(tmask)), jnp.sum(f32(tmask))),
+            "text_nonpad": (jnp.sum(tn * f32(tmask & ~is_pad)), jnp.sum(f32(tmask & ~is_pad))),
+            "codebooks": (jnp.sum(an * f32(amask), axis=(0, 2)), jnp.sum(f32(amask), axis=(0, 2))),
+        }
+
+    def eval_report(self, totals: dict) -> dict:
+        """Figures over a whole eval set: the objective as training computes it (weighted text
+        mean + weighted audio mean, here over every record, so no number depends on the batch
+        size) and per-stream cross-entropies (``streams``: rows of stream, tokens, CE, perplexity)."""
+        import math
+
+        def mean(name):
+            s, w = totals[name]
+            return float(s) / float(w) if float(w) > 0 else float("nan")
+
+        rows = []
+
+        def row(stream, s, w):
+            s, w = float(s), float(w)
+            ce = s / w if w > 0 else float("nan")
+            rows.append({"stream": stream, "tokens": int(round(w)), "cross_entropy": ce,
+                         "perplexity": float(math.exp(min(ce, 50.0))) if w > 0 else float("nan")})
+
+        row("text", *totals["text_ce"])
+        row("text (non-padding)", *totals["text_nonpad"])
+        s, w = (np.asarray(x, np.float64) for x in totals["codebooks"])
+        for k in range(len(s)):
+            row(f"audio codebook {k + 1}" + (" (semantic)" if k == 0 else ""), s[k], w[k])
+        row("acoustic (codebooks 2+)", np.sum(s[1:]), np.sum(w[1:]))
+        out = {"text_loss": mean("text"), "audio_loss": mean("audio")}
+        out["objective"] = out["text_loss"] + out["audio_loss"]
+        out["semantic_loss"] = float(s[0] / w[0]) if w[0] > 0 else float("nan")
+        out["acoustic_loss"] = rows[-1]["cross_entropy"]
+        out["streams"] = rows
+        return out
 
     # ------------------------------------------------------------------ warm start
 
     def init_params(self, params: dict, rest: dict, trainer) -> tuple[dict, dict]:
-        """``model.init_from``: copy a Helium checkpoint's text embedding rows, transformer,
+        """``task.init_from``: copy a Helium checkpoint's text embedding rows, transformer,
         out_norm and text head (audio and depth parts keep their random init), or every param of
         a Moshi LM checkpoint (e.g. a converted moshiko)."""
-        if not self.model_cfg.init_from:
+        if not self.task_cfg.init_from:
             return params, rest
-        return warm_start(params, rest, self.model_cfg, self.model_cfg.init_from, trainer.param_shardings,
+        return warm_start(params, rest, self.model_cfg, self.task_cfg.init_from, trainer.param_shardings,
                           trainer.mesh), rest
 
     # ------------------------------------------------------------------ data
@@ -118,72 +161,74 @@ class MoshiTask:
     def data_iterator(self, split: str, *, global_batch_size: int, process_index: int, process_count: int):
         from data_pipeline.shard_loader import make_shard_iterator
 
-        data = self.cfg.data
+        data = self.data_cfg
         shards = data.train_shards if split == "train" else data.eval_shards
         if not shards:
             return None
-        self._check_shards(shards)
+        self.check_shards(shards)
         return make_shard_iterator(shards, split=split, global_batch_size=global_batch_size, seed=self.cfg.seed,
                                    process_index=process_index, process_count=process_count,
                                    num_workers=data.num_workers, field="codes")
 
-    def _check_shards(self, shards: str) -> dict:
+    def check_shards(self, shards: str) -> dict:
+        """The manifest of ``shards`` after checking that its records fit this model."""
         from data_pipeline.errors import DataError
         from data_pipeline.multistream import read_multistream_manifest
 
         manifest = read_multistream_manifest(shards)
-        want = [self.model_cfg.num_codebooks, self.steps]
+        want = [self.model_cfg.num_streams, self.frames]
         if manifest["record"]["shape"] != want:
             raise DataError(f"multi-stream shards {shards} hold records of shape {manifest['record']['shape']}, but "
-                            f"the model needs [n_q + 1, data.seq_len] = {want}")
+                            f"the model needs [num_streams, data.frames] = {want}")
         spec = manifest.get("multistream", {})
         for key, mine in (("text_card", self.model_cfg.text_card), ("card", self.model_cfg.card)):
             if spec.get(key, 0) > mine:
                 raise DataError(f"multi-stream shards {shards} have {key}={spec[key]} but model.{key}={mine}")
         return manifest
 
+    def check_eval_record(self, shards: str, shape: list[int]) -> None:
+        from data_pipeline.errors import DataError
+
+        if shape[0] != self.model_cfg.num_streams:
+            raise DataError(f"{shards}: records have {shape[0]} streams, the model needs {self.model_cfg.num_streams}")
+
     def check_inputs(self) -> None:
-        data = self.cfg.data
+        data = self.data_cfg
         if not data.train_shards:
             raise ConfigError("data.train_shards is empty: name a multi-stream token-shard directory")
-        self._check_shards(data.train_shards)
+        self.check_shards(data.train_shards)
         if data.eval_shards:
-            self._check_shards(data.eval_shards)
-        if self.model_cfg.init_from:
-            from moshax.commands.convert import open_checkpoint
+            self.check_shards(data.eval_shards)
+        if self.task_cfg.init_from:
+            from moshax.checkpoint.model import open_checkpoint
 
-            open_checkpoint(self.model_cfg.init_from)
+            open_checkpoint(self.task_cfg.init_from)
 
     # ------------------------------------------------------------------ accounting
 
-    def flops_per_example(self, num_params: int, num_embedding_params: int) -> float:
-        """6 N per token for the matmul params each frame uses (temporal transformer + text head;
-        per depth step: its depformer weight set, input projection and output head) + attention."""
+    def flops_per_example(self) -> float:
+        """6 N per frame for the matmul params each frame uses (temporal transformer + text head;
+        per depth step: its depformer weight set, input projection and output head) + attention
+        (temporal over the frames, depth over the dep_q steps)."""
         m = self.model_cfg
         t, d = m.transformer, m.depformer
-        temporal = _stack_params(t) + t.dim * m.text_card
-        depth_step = _stack_params(d) + t.dim * d.dim + d.dim * m.card
-        per_frame = 6.0 * (temporal + m.dep_q * depth_step) + 12.0 * t.num_layers * t.dim * self.steps \
-            + 12.0 * d.num_layers * d.dim * m.dep_q * m.dep_q
-        return per_frame * self.steps
+        temporal = stack_matmul_params(t) + t.dim * m.text_card
+        depth_step = stack_matmul_params(d) + t.dim * d.dim + d.dim * m.card
+        per_frame = training_flops_per_token(temporal + m.dep_q * depth_step,
+                                             ((t.num_layers, t.dim, self.frames), (d.num_layers, d.dim, m.dep_q * m.dep_q)))
+        return per_frame * self.frames
 
     def tokens_per_example(self) -> int:
         """Tokens = frames x streams (text + every audio codebook), as the reference benchmark."""
-        return self.steps * self.model_cfg.num_codebooks
-
-    def frames_per_example(self) -> int:
-        return self.steps
-
-    def embedding_params(self) -> int:
-        m = self.model_cfg
-        return (m.text_card + 1) * (m.transformer.dim + m.depformer.dim) + m.n_q * (m.card + 1) * m.transformer.dim \
-            + max(m.dep_q - 1, 0) * (m.card + 1) * m.depformer.dim
+        return self.frames * self.model_cfg.num_streams
 
 
-def _stack_params(t) -> int:
-    """Matmul params of one transformer stack (one weight set): attention + (gated) MLP."""
-    mlp = (3 if t.gated else 2) * t.dim * t.hidden_dim
-    return t.num_layers * (4 * t.dim * t.dim + mlp)
+def _nll(logits, targets, mask):
+    """Per-position cross-entropy with masked (NaN) logits kept out."""
+    logits = jnp.where(mask[..., None], logits, 0.0)
+    targets = jnp.where(mask, targets, 0)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +241,7 @@ HELIUM_KEYS = ("transformer", "out_norm", "text_linear", "text_emb")
 def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardings: dict, mesh) -> dict:
     """New params with the parts ``source`` provides (see :meth:`MoshiTask.init_params`), restored
     straight onto ``shardings``."""
-    from moshax.commands.convert import check_shapes, open_checkpoint
+    from moshax.checkpoint.model import check_shapes, open_checkpoint
 
     ckpt = open_checkpoint(source)
     kind = ckpt.model_kind
@@ -213,22 +258,22 @@ def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardi
         return out
 
     if kind == "moshi":
-        check_shapes(stored, mine, f"model.init_from={source}")
+        check_shapes(stored, mine, f"task.init_from={source}")
         restored, _ = ckpt.restore(target(list(params)))
         return restored
     if kind != "helium":
-        raise ConfigError(f"model.init_from={source}: a {kind} checkpoint cannot initialize a Moshi LM "
+        raise ConfigError(f"task.init_from={source}: a {kind} checkpoint cannot initialize a Moshi LM "
                           "(expected a Helium or Moshi LM checkpoint)")
     hcfg = ckpt.model_config_dict
     if hcfg.get("vocab_size") != cfg.text_card:
-        raise ConfigError(f"model.init_from={source}: Helium vocab_size={hcfg.get('vocab_size')} != "
+        raise ConfigError(f"task.init_from={source}: Helium vocab_size={hcfg.get('vocab_size')} != "
                           f"model.text_card={cfg.text_card}")
     missing = [k for k in HELIUM_KEYS if k not in stored]
     if missing:
-        raise ConfigError(f"model.init_from={source}: no {', '.join(missing)} params in the Helium checkpoint")
+        raise ConfigError(f"task.init_from={source}: no {', '.join(missing)} params in the Helium checkpoint")
     want = {k: mine[k] for k in HELIUM_KEYS}
     want["text_emb"] = (cfg.text_card, cfg.transformer.dim)
-    check_shapes({k: stored[k] for k in HELIUM_KEYS}, want, f"model.init_from={source} (Helium)")
+    check_shapes({k: stored[k] for k in HELIUM_KEYS}, want, f"task.init_from={source} (Helium)")
     from jax.sharding import NamedSharding, PartitionSpec
 
     rep = NamedSharding(mesh, PartitionSpec())

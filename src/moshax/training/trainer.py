@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,12 @@ from moshax.config import Config, ConfigError, dump_yaml, to_dict
 from moshax.parallel.mesh import build_mesh, check_batch
 from moshax.parallel.partition import ModelHandle, replicated
 from moshax.parallel.sharding import logical_to_spec
-from moshax.training.checkpointing import Checkpointer, abstract_like
+from moshax.checkpoint.manager import Checkpointer, abstract_like
+from moshax.training.evaluate import sum_metrics
 from moshax.training.metrics import MetricsWriter, peak_flops_per_device
 from moshax.training.optimizer import make_optimizer
 from moshax.training.preemption import PreemptionWatcher
+from moshax.training.task import Task
 
 
 class DataExhausted(DataError):
@@ -44,7 +46,7 @@ class StepTimes:
 class Trainer:
     """Builds everything for ``cfg`` + ``task`` on ``mesh`` (default: from ``cfg.mesh``)."""
 
-    def __init__(self, cfg: Config, task: Any, mesh: Mesh | None = None, workdir: str | Path | None = None):
+    def __init__(self, cfg: Config, task: Task, mesh: Mesh | None = None, workdir: str | Path | None = None):
         self.cfg = cfg
         self.task = task
         self.mesh = mesh if mesh is not None else build_mesh(cfg.mesh)
@@ -89,8 +91,7 @@ class Trainer:
 
     def init_state(self) -> dict:
         params, rest = self.handle.init(self.task.build_model, self.cfg.seed, self.mesh)
-        if hasattr(self.task, "init_params"):  # e.g. warm start from another model's checkpoint
-            params, rest = self.task.init_params(params, rest, self)
+        params, rest = self.task.init_params(params, rest, self)  # e.g. a warm start
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         rep = replicated(self.mesh)
@@ -183,16 +184,9 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step_fn(self, state: dict, batch: dict):
-        """Loss of one eval batch: ``task.eval_loss(model, batch)`` when the task has one (no
-        augmentations, no dropout), else ``task.loss`` with a fixed key."""
+        """``task.eval_metrics`` of one eval batch (no augmentation, no dropout)."""
         model = self.handle.merge(state["params"], state["rest"])
-        micro = jax.tree.map(lambda x: x[0], batch)
-        eval_loss = getattr(self.task, "eval_loss", None)
-        if eval_loss is not None:
-            loss_sum, weight, aux = eval_loss(model, micro)
-        else:
-            loss_sum, weight, aux = self.task.loss(model, micro, jax.random.PRNGKey(0))
-        return {"loss": (loss_sum, weight), **aux}
+        return self.task.eval_metrics(model, jax.tree.map(lambda x: x[0], batch))
 
     def compile_train_step(self, abstract_batch: dict) -> Callable:
         """Lower + compile the train step ahead of time (timed), keyed to this batch shape."""
@@ -220,167 +214,268 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def evaluate(self, state: dict) -> dict | None:
+        """The first ``train.eval_batches`` batches of the eval split, through the one eval path
+        (:func:`moshax.training.evaluate.sum_metrics`); ``eval_batches_used`` says how many."""
         tc = self.cfg.train
         it = self.task.data_iterator("eval", global_batch_size=tc.batch_size // self.accum,
                                      process_index=self.process_index, process_count=self.process_count)
         if it is None:
             return None
         t0 = time.perf_counter()
-        totals: dict[str, list[float]] = {}
-        for _ in range(tc.eval_batches):
-            try:
-                local = next(it)
-            except StopIteration:
-                break
-            out = jax.device_get(self.eval_step(state, self.to_global(local, 1)))
-            for name, (s, w) in out.items():
-                acc = totals.setdefault(name, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(w)
+        totals, used = sum_metrics(lambda local: self.eval_step(state, self.to_global(local, 1)), it,
+                                   max_batches=tc.eval_batches)
         self.times.eval_seconds += time.perf_counter() - t0
         if not totals:
             return None
-        result = {f"eval_{k}": s / max(w, 1e-9) for k, (s, w) in totals.items()}
-        result["eval_perplexity"] = float(np.exp(min(result["eval_loss"], 50.0)))
+        result = {f"eval_{k}": v for k, v in self.task.eval_report(totals).items() if isinstance(v, float)}
+        result["eval_batches_used"] = used
         return result
 
     def run(self, max_steps: int | None = None) -> dict:
         """Train until ``train.steps`` (or ``max_steps`` more steps in this call), resuming from the
         latest checkpoint in ``workdir``. Returns a summary dict."""
-        run_start = time.perf_counter()
-        cfg, tc = self.cfg, self.cfg.train
-        main = self.process_index == 0
-        if main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            (self.workdir / "config.yaml").write_text(dump_yaml(cfg))
-        writer = MetricsWriter(self.workdir, enabled=main)
-        ckpt = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
-                            async_save=cfg.checkpoint.async_save)
-        train_iter = self.task.data_iterator("train", global_batch_size=tc.batch_size,
-                                             process_index=self.process_index, process_count=self.process_count)
-        t0 = time.perf_counter()
-        restored = ckpt.restore_latest(self.abstract_state, train_iter)
-        self.times.checkpoint_seconds += time.perf_counter() - t0
-        previous = {"productive_seconds": 0.0, "wall_seconds": 0.0}
-        if restored is not None:
-            start, state, meta = restored
-            previous.update(meta.get("goodput", {}))
-            resumed_from = start
-        else:
-            state, start, resumed_from = self.init_state(), 0, None
-        end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
-
-        peak = peak_flops_per_device()
-        n_params = self.handle.num_params()
-        flops_per_example = self.task.flops_per_example(n_params, self.task.embedding_params())
-        pbar = None
-        if tc.progress and main:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=tc.steps, initial=start, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
-        last_metrics: dict = {}
-        window_start, window_steps = None, 0
-        productive = 0.0  # seconds spent in train steps (goodput numerator)
-        profile = list(tc.profile_steps)
-        profiling = False
-        step = start
-        preempted = False
-        watcher = PreemptionWatcher()
+        run = RunState(self, max_steps)
+        hooks = [ProfileHook(), ProgressHook(), LogHook(), EvalHook(), PreemptionHook(), CheckpointHook()]
         try:
-            while step < end:
+            for h in hooks:
+                h.start(run)
+            while run.step < run.end:
                 try:
-                    local = next(train_iter)
+                    local = next(run.train_iter)
                 except StopIteration:
                     raise DataExhausted("training data ran out before train.steps; add sources") from None
                 batch = self.to_global(local, self.accum)
                 if self._train_step is None:  # compile outside the timed window
                     self._train_step = self.compile_train_step(_abstract(batch))
-                if window_start is None:
-                    window_start = time.perf_counter()
-                if profile and step == profile[0] and main:
-                    jax.profiler.start_trace(str(self.workdir / "profile"))
-                    profiling = True
-                state, metrics = self._train_step(state, batch)
-                step += 1
-                window_steps += 1
-                if pbar is not None:
-                    pbar.update(1)
-                is_last = step == end
-                if profiling and step > profile[-1]:
-                    jax.block_until_ready(metrics)
-                    jax.profiler.stop_trace()
-                    profiling = False
-                if step % tc.log_every == 0 or is_last:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    elapsed = time.perf_counter() - window_start
-                    productive += elapsed
-                    examples_per_s = window_steps * tc.batch_size / elapsed
-                    metrics["tokens_per_second"] = examples_per_s * self.task.tokens_per_example()
-                    metrics["step_time"] = elapsed / window_steps
-                    achieved = examples_per_s * flops_per_example / jax.device_count()
-                    metrics["tokens_per_second_per_device"] = metrics["tokens_per_second"] / jax.device_count()
-                    metrics["mfu"] = achieved / peak if peak else None
-                    wall = time.perf_counter() - run_start
-                    metrics["goodput"] = productive / wall
-                    metrics["goodput_total"] = ((previous["productive_seconds"] + productive)
-                                                / (previous["wall_seconds"] + wall))
-                    metrics["compile_seconds"] = self.times.compile_seconds
-                    metrics["checkpoint_seconds"] = self.times.checkpoint_seconds
-                    writer.write(step, metrics)
-                    last_metrics = metrics
-                    if pbar is not None:
-                        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
-                                         tok_s=f"{metrics['tokens_per_second']:.0f}")
-                    window_start, window_steps = time.perf_counter(), 0
-                if tc.eval_every and step % tc.eval_every == 0 and not is_last:
-                    ev = self.evaluate(state)
-                    if ev:
-                        writer.write(step, ev)
-                        last_metrics.update(ev)
-                    window_start, window_steps = time.perf_counter(), 0
-                if watcher.should_stop(step) and not is_last:
-                    preempted = True
-                if step % cfg.checkpoint.every == 0 or is_last or preempted:
-                    t0 = time.perf_counter()
-                    wall = time.perf_counter() - run_start
-                    goodput = {"productive_seconds": previous["productive_seconds"] + productive,
-                               "wall_seconds": previous["wall_seconds"] + wall}
-                    ckpt.save(step, state, train_iter, {"config": to_dict(cfg), "step": step, "goodput": goodput})
-                    self.times.checkpoint_seconds += time.perf_counter() - t0
-                    window_start, window_steps = time.perf_counter(), 0
-                if preempted:
-                    if pbar is not None:
-                        pbar.write(f"preemption notice: saved a checkpoint at step {step}; exiting")
+                if run.window_start is None:
+                    run.window_start = time.perf_counter()
+                for h in hooks:
+                    h.before_step(run)
+                run.state, metrics = self._train_step(run.state, batch)
+                run.step += 1
+                run.window_steps += 1
+                for h in hooks:
+                    h.after_step(run, metrics)
+                if run.stop:
                     break
-            if step == tc.steps and step > start:
-                ev = self.evaluate(state)
-                if ev:
-                    writer.write(step, ev)
-                    last_metrics.update(ev)
+            if run.step == self.cfg.train.steps and run.step > run.start:
+                run.record_eval()
         finally:
-            if profiling:
-                jax.profiler.stop_trace()
-            watcher.close()
-            if pbar is not None:
-                pbar.close()
+            for h in reversed(hooks):
+                h.close(run)
             t0 = time.perf_counter()
-            ckpt.close()
+            run.ckpt.close()
             self.times.checkpoint_seconds += time.perf_counter() - t0
-            writer.close()
-        self.state = state
+            run.writer.close()
+        self.state = run.state
+        return run.summary()
+
+
+class RunState:
+    """What one ``Trainer.run`` call shares with its hooks: state, step, the metrics writer, the
+    checkpointer, the timing window and the goodput counters."""
+
+    def __init__(self, trainer: Trainer, max_steps: int | None):
+        self.trainer = trainer
+        self.run_start = time.perf_counter()
+        cfg, tc = trainer.cfg, trainer.cfg.train
+        self.main = trainer.process_index == 0
+        if self.main:
+            trainer.workdir.mkdir(parents=True, exist_ok=True)
+            (trainer.workdir / "config.yaml").write_text(dump_yaml(cfg))
+        self.writer = MetricsWriter(trainer.workdir, enabled=self.main)
+        self.ckpt = Checkpointer(trainer.workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
+                                 async_save=cfg.checkpoint.async_save)
+        self.train_iter = trainer.task.data_iterator("train", global_batch_size=tc.batch_size,
+                                                     process_index=trainer.process_index,
+                                                     process_count=trainer.process_count)
+        t0 = time.perf_counter()
+        restored = self.ckpt.restore_latest(trainer.abstract_state, self.train_iter)
+        trainer.times.checkpoint_seconds += time.perf_counter() - t0
+        self.previous = {"productive_seconds": 0.0, "wall_seconds": 0.0}
+        if restored is not None:
+            self.start, self.state, meta = restored
+            self.previous.update(meta.get("goodput", {}))
+            self.resumed_from = self.start
+        else:
+            self.state, self.start, self.resumed_from = trainer.init_state(), 0, None
+        self.step = self.start
+        self.end = tc.steps if max_steps is None else min(tc.steps, self.start + max_steps)
+        self.num_params = trainer.handle.num_params()
+        self.flops_per_example = trainer.task.flops_per_example()
+        self.peak = peak_flops_per_device()
+        self.window_start: float | None = None
+        self.window_steps = 0
+        self.productive = 0.0  # seconds spent in train steps (goodput numerator)
+        self.last_metrics: dict = {}
+        self.stop = False
+        self.preempted = False
+
+    @property
+    def is_last(self) -> bool:
+        return self.step == self.end
+
+    def reset_window(self) -> None:
+        """Start a new timing window (after work that is not training: eval, checkpoints)."""
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def goodput_totals(self) -> dict:
+        wall = time.perf_counter() - self.run_start
+        return {"productive_seconds": self.previous["productive_seconds"] + self.productive,
+                "wall_seconds": self.previous["wall_seconds"] + wall}
+
+    def record_eval(self) -> None:
+        ev = self.trainer.evaluate(self.state)
+        if ev:
+            self.writer.write(self.step, ev)
+            self.last_metrics.update(ev)
+
+    def summary(self) -> dict:
+        t = self.trainer.times
         return {
-            "start_step": start,
-            "end_step": step,
-            "resumed_from": resumed_from,
-            "preempted": preempted,
-            "num_params": n_params,
-            "metrics": last_metrics,
-            "history": writer.history,
-            "compile_seconds": self.times.compile_seconds,
-            "checkpoint_seconds": self.times.checkpoint_seconds,
-            "eval_seconds": self.times.eval_seconds,
-            "peak_flops_per_device": peak,
+            "start_step": self.start,
+            "end_step": self.step,
+            "resumed_from": self.resumed_from,
+            "preempted": self.preempted,
+            "num_params": self.num_params,
+            "metrics": self.last_metrics,
+            "history": self.writer.history,
+            "compile_seconds": t.compile_seconds,
+            "checkpoint_seconds": t.checkpoint_seconds,
+            "eval_seconds": t.eval_seconds,
+            "peak_flops_per_device": self.peak,
         }
+
+
+class Hook:
+    """One concern of the training loop; every method is optional."""
+
+    def start(self, run: RunState) -> None:
+        pass
+
+    def before_step(self, run: RunState) -> None:
+        pass
+
+    def after_step(self, run: RunState, metrics: dict) -> None:
+        pass
+
+    def close(self, run: RunState) -> None:
+        pass
+
+
+class ProfileHook(Hook):
+    """``train.profile_steps: [first, last]``: a JAX profiler trace of those steps (process 0)."""
+
+    def start(self, run):
+        self.steps = list(run.trainer.cfg.train.profile_steps)
+        self.active = False
+
+    def before_step(self, run):
+        if self.steps and run.step == self.steps[0] and run.main:
+            jax.profiler.start_trace(str(run.trainer.workdir / "profile"))
+            self.active = True
+
+    def after_step(self, run, metrics):
+        if self.active and run.step > self.steps[-1]:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self, run):
+        if self.active:
+            jax.profiler.stop_trace()
+
+
+class ProgressHook(Hook):
+    """A tqdm bar (process 0, ``train.progress``)."""
+
+    def start(self, run):
+        self.pbar = None
+        if run.trainer.cfg.train.progress and run.main:
+            from tqdm.auto import tqdm
+
+            self.pbar = tqdm(total=run.trainer.cfg.train.steps, initial=run.start,
+                             desc=f"train {run.trainer.cfg.name}", unit="step", dynamic_ncols=True)
+        run.pbar = self.pbar
+
+    def after_step(self, run, metrics):
+        if self.pbar is not None:
+            self.pbar.update(1)
+
+    def close(self, run):
+        if self.pbar is not None:
+            self.pbar.close()
+
+
+class LogHook(Hook):
+    """Every ``train.log_every`` steps (and the last): loss and the step's metrics, throughput,
+    MFU, goodput -> metrics.jsonl, TensorBoard, the progress bar."""
+
+    def after_step(self, run, metrics):
+        tc, trainer = run.trainer.cfg.train, run.trainer
+        if not (run.step % tc.log_every == 0 or run.is_last):
+            return
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - run.window_start
+        run.productive += elapsed
+        examples_per_s = run.window_steps * tc.batch_size / elapsed
+        metrics["tokens_per_second"] = examples_per_s * trainer.task.tokens_per_example()
+        metrics["step_time"] = elapsed / run.window_steps
+        achieved = examples_per_s * run.flops_per_example / jax.device_count()
+        metrics["tokens_per_second_per_device"] = metrics["tokens_per_second"] / jax.device_count()
+        metrics["mfu"] = achieved / run.peak if run.peak else None
+        totals = run.goodput_totals()
+        metrics["goodput"] = run.productive / (time.perf_counter() - run.run_start)
+        metrics["goodput_total"] = totals["productive_seconds"] / totals["wall_seconds"]
+        metrics["compile_seconds"] = trainer.times.compile_seconds
+        metrics["checkpoint_seconds"] = trainer.times.checkpoint_seconds
+        run.writer.write(run.step, metrics)
+        run.last_metrics = metrics
+        if run.pbar is not None:
+            run.pbar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
+                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
+        run.reset_window()
+
+
+class EvalHook(Hook):
+    """Every ``train.eval_every`` steps (the final eval runs after the loop)."""
+
+    def after_step(self, run, metrics):
+        every = run.trainer.cfg.train.eval_every
+        if every and run.step % every == 0 and not run.is_last:
+            run.record_eval()
+            run.reset_window()
+
+
+class PreemptionHook(Hook):
+    """SIGTERM (agreed across hosts): save at this step boundary and stop."""
+
+    def start(self, run):
+        self.watcher = PreemptionWatcher()
+
+    def after_step(self, run, metrics):
+        if self.watcher.should_stop(run.step) and not run.is_last:
+            run.preempted = True
+
+    def close(self, run):
+        self.watcher.close()
+
+
+class CheckpointHook(Hook):
+    """Every ``checkpoint.every`` steps, at the last step, and on preemption (then stop)."""
+
+    def after_step(self, run, metrics):
+        trainer = run.trainer
+        if run.step % trainer.cfg.checkpoint.every == 0 or run.is_last or run.preempted:
+            t0 = time.perf_counter()
+            run.ckpt.save(run.step, run.state, run.train_iter,
+                          {"config": to_dict(trainer.cfg), "step": run.step, "goodput": run.goodput_totals()})
+            trainer.times.checkpoint_seconds += time.perf_counter() - t0
+            run.reset_window()
+        if run.preempted:
+            if run.pbar is not None:
+                run.pbar.write(f"preemption notice: saved a checkpoint at step {run.step}; exiting")
+            run.stop = True
 
 
 def optimizer_state_shardings(abstract_opt, abstract_params, param_shardings, default):

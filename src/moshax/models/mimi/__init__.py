@@ -2,6 +2,6 @@
 training configs (discriminator, distillation teacher)."""
 
 from moshax.models.mimi.config import (
-    DiscriminatorConfig, MimiConfig, MimiTrainConfig, QuantizerConfig, SEANetConfig, TeacherConfig)
+    DiscriminatorConfig, MimiConfig, MimiTaskConfig, QuantizerConfig, SEANetConfig, TeacherConfig)
 
-__all__ = ["DiscriminatorConfig", "MimiConfig", "MimiTrainConfig", "QuantizerConfig", "SEANetConfig", "TeacherConfig"]
+__all__ = ["DiscriminatorConfig", "MimiConfig", "MimiTaskConfig", "QuantizerConfig", "SEANetConfig", "TeacherConfig"]

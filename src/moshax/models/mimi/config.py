@@ -57,9 +57,6 @@ class QuantizerConfig:
     replaced_usage_ratio: float = 1.0
     check_unused_every: int = 5
     kmeans_iters: int = 50
-    # training: a random number of acoustic levels per step (not part of the model's identity:
-    # configs that differ only here compare equal)
-    q_dropout: bool = field(default=False, compare=False)
 
     def validate(self, where: str) -> None:
         for name in ("dimension", "bins", "n_q", "n_q_semantic", "num_codebooks", "check_unused_every"):
@@ -160,8 +157,10 @@ class TeacherConfig:
 
 
 @dataclass
-class MimiTrainConfig:
-    """Codec training: audio crops, losses, discriminator, distillation teacher.
+class MimiTaskConfig:
+    """Codec training (the ``task:`` section): losses, discriminator, distillation teacher,
+    quantizer dropout, warm start. The audio crops are the ``data:`` section
+    (:class:`data_pipeline.configs.AudioDataConfig`).
 
     The generator loss is ``adversarial_weight * hinge + feature_matching_weight * relative FM +
     commitment_weight * VQ commitment + distill_weight * (1 - cos) [+ l1_weight * L1 + mel_weight *
@@ -169,11 +168,6 @@ class MimiTrainConfig:
     discriminator its own ``optim.param_groups`` entry, pattern ``^discriminator/``).
     """
 
-    train_sources: list[str] = field(default_factory=list)  # audio dirs, globs, files, .jsonl manifests
-    eval_sources: list[str] = field(default_factory=list)
-    crop_seconds: float = 2.0  # rounded up to whole codec frames
-    num_workers: int = 0
-    num_threads: int = 2
     adversarial_weight: float = 1.0
     feature_matching_weight: float = 3.0
     commitment_weight: float = 1.0
@@ -182,21 +176,18 @@ class MimiTrainConfig:
     mel_weight: float = 0.0
     balancer: bool = False  # audiocraft-style gradient balancing of the losses on the decoded audio
     quantize_rate: float = 1.0  # probability (per example) of quantizing; the paper uses 0.5
+    quantizer_dropout: bool = False  # a random number of acoustic levels per step
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     init_from: str = ""  # warm start the codec from a Mimi checkpoint (Orbax dir, workdir, .safetensors)
 
-    def validate(self, where: str) -> None:
-        if not self.crop_seconds > 0:
-            raise ConfigError(f"{where}.crop_seconds={self.crop_seconds}: must be > 0")
+    def validate(self, where: str = "task") -> None:
         for name in ("adversarial_weight", "feature_matching_weight", "commitment_weight", "distill_weight",
                      "l1_weight", "mel_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)}: must be >= 0")
         if not 0.0 <= self.quantize_rate <= 1.0:
             raise ConfigError(f"{where}.quantize_rate={self.quantize_rate}: expected 0 <= rate <= 1")
-        if self.num_workers < 0 or self.num_threads < 1:
-            raise ConfigError(f"{where}: num_workers must be >= 0 and num_threads >= 1")
         self.discriminator.validate(f"{where}.discriminator")
         self.teacher.validate(f"{where}.teacher")
 
@@ -219,9 +210,6 @@ class MimiConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    # used by `moshax train` only; not part of the model's identity (configs that differ only
-    # in their training section compare equal)
-    train: MimiTrainConfig = field(default_factory=MimiTrainConfig, compare=False)
 
     @property
     def encoder_frame_rate(self) -> float:
@@ -244,7 +232,6 @@ class MimiConfig:
         self.seanet.validate(f"{where}.seanet")
         self.transformer.validate(f"{where}.transformer")
         self.quantizer.validate(f"{where}.quantizer")
-        self.train.validate(f"{where}.train")
         if self.transformer.dim != self.seanet.dimension:
             raise ConfigError(f"{where}.transformer.dim={self.transformer.dim} must equal "
                               f"{where}.seanet.dimension={self.seanet.dimension}")

@@ -129,14 +129,14 @@ class Mimi(nnx.Module):
     # ---------------------------------------------------------------- training
 
     def train_forward(self, audio, key, *, step=0, quantize_rate: float = 1.0,
-                      update_stats: bool = True, dropout: bool = True) -> "MimiTrainOutput":
+                      update_stats: bool = True, dropout: bool = False) -> "MimiTrainOutput":
         """Training forward of audio [B, C, T] (T a multiple of the frame size): encoder, split
         RVQ in train mode (EMA codebook updates written in place when ``update_stats``; k-means
-        init, dead codes, quantizer dropout per the quantizer config), decoder.
+        init, dead codes), decoder.
 
         With ``quantize_rate < 1`` each example is quantized with that probability and otherwise
-        decoded from the unquantized latent (Moshi paper: 0.5). ``dropout=False`` turns quantizer
-        dropout off (evaluation). Returns a :class:`MimiTrainOutput`.
+        decoded from the unquantized latent (Moshi paper: 0.5). ``dropout=True`` turns quantizer
+        dropout on (a random number of acoustic levels; training only). Returns a :class:`MimiTrainOutput`.
         """
         b, _, t = audio.shape
         if t % self.frame_size:
@@ -195,32 +195,3 @@ class Mimi(nnx.Module):
     def decode_step(self, codes, state: MimiState):
         """Codes [B, K, n] -> (audio [B, C, n * frame_size], state)."""
         return self.decode_latent_step(self.quantizer.decode(codes), state)
-
-
-def load_codec(path, cfg: MimiConfig | None = None) -> Mimi:
-    """A Mimi from ``path``: a moshax checkpoint (``moshax convert from-kyutai --model mimi``
-    output, a trainer workdir, its ``checkpoints/`` dir or one step dir; the codec is read from
-    ``state["params"]`` / ``state["rest"]``, extra trainer entries such as the discriminator are
-    ignored) or a Kyutai ``.safetensors`` file (with ``cfg``, default the released Mimi).
-    The config comes from the checkpoint's meta unless ``cfg`` is given."""
-    from pathlib import Path
-
-    from moshax.config import ConfigError
-
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        from moshax.interop.mimi_weights import MimiWeightsError, load_mimi
-
-        try:
-            return load_mimi(p, cfg or MimiConfig())
-        except MimiWeightsError as e:
-            raise ConfigError(f"{p}: {str(e).splitlines()[0]}") from None
-    from moshax.commands.convert import build_model_from_checkpoint, open_checkpoint
-
-    ckpt = open_checkpoint(p)
-    if cfg is None and ckpt.model_kind != "mimi":
-        raise ConfigError(f"{ckpt.step_dir} holds a {ckpt.model_kind} model, not a Mimi")
-    model, _ = build_model_from_checkpoint(ckpt, cfg)
-    return model

@@ -302,17 +302,17 @@ class SplitResidualVQ(nnx.Module):
         ``nnx.jit``; the buffers are not Params, so optimizers leave them alone).
 
         ``step`` (int, may be traced) schedules dead-code checks every ``check_unused_every`` steps.
-        With ``q_dropout`` a random number (1..levels) of acoustic levels is used; the penalty is
-        the per-branch commitment loss renormalised by the levels used, as Kyutai's.
+        The penalty is the per-branch commitment loss renormalised by the levels used, as Kyutai's.
         """
         out = self.train_forward_parts(x, key, step=step, update_stats=update_stats)
         return out.quantized, out.codes, out.penalty, out.metrics
 
     def train_forward_parts(self, x, key, *, step=0, update_stats: bool = True,
-                            dropout: bool = True) -> "QuantizerTrainOutput":
+                            dropout: bool = False) -> "QuantizerTrainOutput":
         """:meth:`train_forward`, also giving ``semantic``: the ``rvq_first`` branch's projected
-        (straight-through) output [B, T, D], the target of semantic distillation. ``dropout=False``
-        uses every level whatever ``q_dropout`` says (evaluation).
+        (straight-through) output [B, T, D], the target of semantic distillation. ``dropout=True``
+        (quantizer dropout, a training setting: ``task.quantizer_dropout``) uses a random number
+        (1..levels) of acoustic levels.
 
         Only the ``num_codebooks`` levels in use are trained (as Kyutai's, whose training forward
         runs its run-time ``n_q``): the released Mimi has 32 levels and uses 8."""
@@ -320,7 +320,7 @@ class SplitResidualVQ(nnx.Module):
         b, t, _ = x.shape
         k_first, k_rest, k_drop = jax.random.split(key, 3)
         n_rest = cfg.num_codebooks - cfg.n_q_semantic
-        n_active = jax.random.randint(k_drop, (), 1, n_rest + 1) if cfg.q_dropout and dropout else n_rest
+        n_active = jax.random.randint(k_drop, (), 1, n_rest + 1) if dropout else n_rest
         check = (jnp.asarray(step) % cfg.check_unused_every) == cfg.check_unused_every - 1
         outs = []
         for branch, k, n in ((self.rvq_first, k_first, None), (self.rvq_rest, k_rest, n_active)):

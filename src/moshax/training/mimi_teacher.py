@@ -85,7 +85,7 @@ def build_teacher(cfg: TeacherConfig, sample_rate: int):
     if cfg.kind == "mel":
         return MelTeacher(sample_rate, cfg.frame_rate, cfg.n_mels, cfg.normalize)
     if cfg.kind == "mimi":
-        from moshax.models.mimi.model import load_codec
+        from moshax.checkpoint.model import load_codec
 
         mimi = load_codec(cfg.path)
         if mimi.cfg.sample_rate != sample_rate:

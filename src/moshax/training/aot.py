@@ -187,12 +187,22 @@ def compile_train_step(cfg: Config, task, topology: str) -> CompileReport:
         argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias, hbm_bytes=hbm_per_chip(topology),
         flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
         collectives=count_collectives(compiled.as_text()), largest=_largest_arrays(trainer.abstract_state),
-        model_flops=task.flops_per_example(trainer.handle.num_params(), task.embedding_params())
-        * cfg.train.batch_size / len(devices))
+        model_flops=task.flops_per_example() * cfg.train.batch_size / len(devices))
 
 
 def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
-    """Compile one streaming decode step (one new token per sequence against a full KV ring cache)
+    """Compile the model kind's streaming step (:mod:`moshax.registry`, ``decode_step``) for
+    ``topology``; a kind without one is a one-line error."""
+    from moshax import registry
+
+    kind = registry.get(cfg.model.kind)
+    if kind.decode_step is None:
+        raise ConfigError(f"model.kind={cfg.model.kind!r} has no streaming decode step to compile yet")
+    return kind.load("decode_step")(cfg, task, topology, batch)
+
+
+def helium_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+    """Compile one Helium decode step (one new token per sequence against a full KV ring cache)
     for ``topology``; params are held in the compute dtype, as a server would."""
     from flax import nnx
 
@@ -205,8 +215,6 @@ def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> Com
     mesh = build_mesh(cfg.mesh, devices)
     handle = ModelHandle.from_constructor(task.build_model)
     model_abs = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-    if not hasattr(model_abs, "init_cache"):
-        raise ConfigError(f"model.kind={cfg.model.kind!r} has no decode step to compile")
     dtype = jnp.dtype(cfg.model.dtype)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), handle.shapes(),
                           handle.shardings(mesh))
