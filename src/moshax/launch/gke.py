@@ -105,11 +105,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True,
                    help="gs://BUCKET/PATH (mounted with Cloud Storage FUSE at /gcs/BUCKET) or a path under the "
                         "--pvc / --gcs-bucket mount")
-    p.add_argument("--gcs-bucket", help="mount this bucket in every pod (GCS FUSE CSI driver); implied by a gs:// workdir")
+    p.add_argument("--gcs-bucket",
+                   help="mount this bucket in every pod (GCS FUSE CSI driver); implied by a gs:// workdir")
     p.add_argument("--pvc", help="mount this PersistentVolumeClaim (e.g. a Filestore share) in every pod")
-    p.add_argument("--mount-path", help="where the storage is mounted (default: /gcs/BUCKET, or /mnt/shared for --pvc)")
-    p.add_argument("--service-account", help="the pods' Kubernetes service account (Workload Identity access to the bucket)")
-    p.add_argument("--template", help="a JobSet template to render instead of the packaged launch/templates/jobset.yaml")
+    p.add_argument("--mount-path",
+                   help="where the storage is mounted (default: /gcs/BUCKET, or /mnt/shared for --pvc)")
+    p.add_argument("--service-account",
+                   help="the pods' Kubernetes service account (Workload Identity access to the bucket)")
+    p.add_argument("--template", help="a JobSet template to render instead of launch/templates/jobset.yaml")
     p.add_argument("--xpk-cluster", help="print an xpk command for this cluster instead of a JobSet manifest")
     p.add_argument("--output", help="write the manifest here (default: stdout)")
     p.add_argument("overrides", nargs="*")

@@ -30,7 +30,8 @@ def render(name: str, values: dict[str, str], path: str | None = None) -> str:
     try:
         return Template(text).substitute(values)
     except KeyError as e:
-        raise ConfigError(f"template {where}: no value for ${{{e.args[0]}}} (fields: {', '.join(sorted(values))})") from None
+        fields = ", ".join(sorted(values))
+        raise ConfigError(f"template {where}: no value for ${{{e.args[0]}}} (fields: {fields})") from None
     except ValueError as e:  # a lone `$`
         raise ConfigError(f"template {where}: {e} (write a literal dollar sign as $$)") from None
 

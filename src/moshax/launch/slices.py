@@ -41,7 +41,8 @@ def parse_slice(accelerator_type: str) -> Slice:
         prefix, count = accelerator_type.rsplit("-", 1)
         count = int(count)
     except ValueError:
-        raise ConfigError(f"accelerator type {accelerator_type!r}: expected e.g. v5p-64, v5litepod-16, v6e-32") from None
+        raise ConfigError(f"accelerator type {accelerator_type!r}: expected e.g. v5p-64, v5litepod-16, "
+                          "v6e-32") from None
     family = tpu_family_by_gcloud_prefix(prefix)
     if family is None:
         known = ", ".join(f.gcloud_prefix for f in TPU_FAMILIES.values())
