@@ -17,20 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moshax.config import Config, ConfigError
+from moshax.parallel.tpu_facts import hbm_bytes_per_device
 
 GiB = 1024**3
 
-# HBM per chip (bytes), by device_kind prefix / topology prefix.
-HBM_BYTES = (
-    ("v6", 32 * GiB),
-    ("v5p", 95 * GiB),
-    ("v5e", 16 * GiB),
-    ("v5 lite", 16 * GiB),
-    ("v5litepod", 16 * GiB),
-    ("v5", 95 * GiB),
-    ("v4", 32 * GiB),
-    ("v3", 16 * GiB),
-)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -47,11 +37,8 @@ def _quiet_libtpu_env() -> None:
 
 
 def hbm_per_chip(topology: str) -> int | None:
-    name = topology.lower()
-    for prefix, size in HBM_BYTES:
-        if name.startswith(prefix):
-            return size
-    return None
+    """HBM of one device of the topology (``parallel/tpu_facts.py``), None when unknown."""
+    return hbm_bytes_per_device(topology)
 
 
 def topology_devices(topology: str):

@@ -8,29 +8,13 @@ from pathlib import Path
 
 import jax
 
-# Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets).
-PEAK_FLOPS = (
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("TPU v3", 123e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12),
-    ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12),
-)
+from moshax.parallel import tpu_facts
 
 
 def peak_flops_per_device(device_kind: str | None = None) -> float | None:
-    """Peak FLOP/s of one device, or None where no honest number exists (e.g. CPUs)."""
+    """Peak FLOP/s of one device (``parallel/tpu_facts.py``), or None where no honest number exists (e.g. CPUs)."""
     kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
-    for prefix, flops in PEAK_FLOPS:
-        if kind.startswith(prefix):
-            return flops
-    return None
+    return tpu_facts.peak_flops_per_device(kind)
 
 
 def stack_matmul_params(t) -> int:
