@@ -15,7 +15,7 @@ from moshax.launch.render import TEMPLATES, resolve_storage
 from moshax.launch.slices import parse_slice
 from moshax.launch.tpu_vm import TpuVmPlan
 from moshax.parallel import tpu_facts
-from moshax.parallel.aot import hbm_per_chip
+from moshax.training.aot import hbm_per_chip
 from moshax.training.metrics import peak_flops_per_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_a_gs_workdir_checkpoints_through_its_mount(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
     from moshax.launch import render
-    from moshax.training.checkpointing import Checkpointer
+    from moshax.checkpoint.manager import Checkpointer
 
     monkeypatch.setattr(render, "GCS_MOUNT_ROOT", str(tmp_path / "gcs"))
     storage = resolve_storage("gs://bk/runs/a")

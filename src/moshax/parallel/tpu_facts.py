@@ -2,7 +2,7 @@
 ICI bandwidth, host shape, GKE label and TPU VM runtime image; and the GPU peaks MFU uses.
 
 Everything that needs one of these reads it from here: `moshax compile` (HBM per chip,
-``parallel/aot.py``), MFU (peak FLOP/s, ``training/metrics.py``), the slice shapes and launchers
+``training/aot.py``), MFU (peak FLOP/s, ``training/metrics.py``), the slice shapes and launchers
 (``launch/``). Pure data, no jax import, so the launchers stay light.
 
 Figures per chip from Google Cloud's TPU pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e; v3 from
