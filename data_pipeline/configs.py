@@ -7,9 +7,27 @@ Mimi audio crops (:class:`AudioDataConfig`).
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from data_pipeline.errors import DataError
+
+
+def _missing_sources(key: str, sources: list[str]) -> list[str]:
+    """One message per local source (file, dir or glob) that names nothing on disk."""
+    out = []
+    for src in sources:
+        if src.startswith(("tfds:", "gs://")) or Path(src).exists() or glob.glob(src):
+            continue
+        out.append(f"{key}: nothing found at {src}")
+    return out
+
+
+def _missing_shards(key: str, shards: str) -> list[str]:
+    if not shards or shards.startswith("gs://") or (Path(shards) / "manifest.json").is_file():
+        return []
+    return [f"{key}: no token shards at {shards} (no manifest.json there)"]
 
 
 @dataclass
@@ -28,6 +46,17 @@ class TextDataConfig:
     add_bos: bool = True
     add_eos: bool = True
 
+    def missing_paths(self, where: str = "data") -> list[str]:
+        """Files the section names that are not there (checked before any heavy import)."""
+        if self.train_shards:
+            return _missing_shards(f"{where}.train_shards", self.train_shards) + \
+                _missing_shards(f"{where}.eval_shards", self.eval_shards)
+        out = _missing_sources(f"{where}.train_sources", self.train_sources) + \
+            _missing_sources(f"{where}.eval_sources", self.eval_sources)
+        if self.tokenizer and not Path(self.tokenizer).is_file():
+            out.append(f"tokenizer file not found: {self.tokenizer} ({where}.tokenizer)")
+        return out
+
     def validate(self, where: str = "data") -> None:
         if self.seq_len <= 0:
             raise DataError(f"{where}.seq_len={self.seq_len}: must be > 0")
@@ -43,6 +72,10 @@ class MultistreamDataConfig:
     eval_shards: str = ""
     frames: int = 125  # time steps (12.5 Hz frames) per example
     num_workers: int = 0  # Grain worker processes (0 = in-process)
+
+    def missing_paths(self, where: str = "data") -> list[str]:
+        return _missing_shards(f"{where}.train_shards", self.train_shards) + \
+            _missing_shards(f"{where}.eval_shards", self.eval_shards)
 
     def validate(self, where: str = "data") -> None:
         if self.frames <= 0:
@@ -61,6 +94,10 @@ class AudioDataConfig:
     num_workers: int = 0  # Grain worker processes (0 = in-process)
     num_threads: int = 2  # reader threads per process (decoding + resampling)
     eval_crops_per_file: int = 1  # eval reads crops from the start of each file
+
+    def missing_paths(self, where: str = "data") -> list[str]:
+        return _missing_sources(f"{where}.train_sources", self.train_sources) + \
+            _missing_sources(f"{where}.eval_sources", self.eval_sources)
 
     def validate(self, where: str = "data") -> None:
         if not self.crop_seconds > 0:

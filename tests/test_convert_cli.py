@@ -105,7 +105,8 @@ def test_lm_from_and_to_kyutai(devices, tmp_path, capsys):
     mesh = build_mesh(MeshConfig(2, 2, 2), jax.devices())
     handle = ModelHandle.from_constructor(lambda r: MoshiLM(cfg, rngs=r))
     shardings = handle.shardings(mesh)
-    params = warm_start(handle.shapes(), {}, cfg, str(out), shardings, mesh)
+    params, loaded = warm_start(handle.shapes(), {}, cfg, str(out), shardings, mesh)
+    assert loaded.startswith("every param from the Moshi LM checkpoint")
     assert jax.tree.map(lambda a: a.sharding, params) == shardings
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

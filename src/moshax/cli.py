@@ -29,18 +29,13 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a user mistake (light modules: no JAX, no Orbax import here)."""
+    from data_pipeline.errors import DataError
+    from moshax.checkpoint.errors import CheckpointError
     from moshax.config import ConfigError
+    from moshax.registry import UnknownKind
 
-    from moshax.checkpoint.manager import CheckpointError
-
-    errors: list[type[BaseException]] = [UserError, ConfigError, CheckpointError, FileNotFoundError]
-    try:
-        from data_pipeline.errors import DataError
-
-        errors.append(DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (UserError, ConfigError, DataError, UnknownKind, CheckpointError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- train
@@ -71,9 +66,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--profile {args.profile!r}: expected FIRST:LAST steps, e.g. 10:12") from None
         overrides.append(f"train.profile_steps=[{first}, {last}]")
     cfg = load_config(args.config, overrides)
-    _init_distributed(args)
     if args.workdir:
         cfg.workdir = args.workdir
+    missing = cfg.missing_paths()  # before JAX starts: a wrong path prints in well under a second
+    if missing:
+        raise UserError(missing[0])
+    _init_distributed(args)
     task = make_task(cfg)
     task.check_inputs()
 
@@ -81,8 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from moshax.training.trainer import Trainer
 
-    trainer = Trainer(cfg, task)
+    trainer = Trainer(cfg, task, allow_config_change=args.allow_config_change)
     summary = trainer.run(max_steps=args.max_steps)
+    if summary["start_step"] == summary["end_step"] == cfg.train.steps:
+        print(f"already finished: {trainer.workdir} is at step {cfg.train.steps} = train.steps; nothing to train "
+              f"(set train.steps=N to go further)")
+        return 0
     m = summary["metrics"]
     line = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     print(f"done: steps {summary['start_step']} -> {summary['end_step']} "
@@ -102,10 +104,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from moshax.training import aot
 
     cfg = load_config(args.config, args.overrides)
+    log = lambda line: print(line, flush=True)  # noqa: E731 - phases: minutes of work on a 7B config
     if args.step == "decode":
-        report = aot.compile_decode_step(cfg, make_task(cfg), args.topology, batch=args.batch)
+        report = aot.compile_decode_step(cfg, make_task(cfg), args.topology, batch=args.batch, log=log)
     else:
-        report = aot.compile_train_step(cfg, make_task(cfg), args.topology)
+        report = aot.compile_train_step(cfg, make_task(cfg), args.topology, log=log)
     print(report.format())
     if args.json:
         import dataclasses
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps in this invocation (the run resumes later)")
     p.add_argument("--profile", metavar="FIRST:LAST",
                    help="write a JAX profiler trace of these steps to WORKDIR/profile (TensorBoard/XProf)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a workdir with a changed config when no change alters the checkpoints' shapes "
+                        "(e.g. learning rate, batch size, data); config.yaml records each change with its step")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 mesh.fsdp=2")
     _add_distributed_flags(p)
     p.set_defaults(fn=cmd_train)

@@ -166,6 +166,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def missing_paths(self) -> list[str]:
+        """One line per file or directory the config names that is not there (data sources,
+        tokenizer, shards, ``task.init_from``): checked without importing JAX."""
+        out = list(self.data.missing_paths("data")) if hasattr(self.data, "missing_paths") else []
+        init_from = getattr(self.task, "init_from", "")
+        if init_from and not init_from.startswith("gs://") and not Path(init_from).exists():
+            out.append(f"task.init_from: checkpoint not found: {init_from}")
+        return out
+
     def validate(self) -> None:
         self.model.validate("model")
         self.task.validate("task")

@@ -6,6 +6,7 @@ Restoring takes the *current* shardings as the target, so a checkpoint written o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -16,8 +17,55 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used for this run; the message says why in one line."""
+from moshax.checkpoint.errors import CheckpointError, CheckpointMismatch  # noqa: F401  (re-exported)
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Orbax looks for the step metadata inside the item dir it is given (it lives one level up,
+    in the step dir) and logs a warning that means nothing here: hide absl warnings meanwhile."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def stored_state_tree(step_dir: Path):
+    """The metadata tree (leaves with ``shape`` and ``dtype``) of a step's ``state`` item."""
+    with quiet_orbax():
+        md = ocp.PyTreeCheckpointer().metadata(Path(step_dir) / "state")
+    tree = getattr(md, "item_metadata", md)
+    return getattr(tree, "tree", tree)
+
+
+def flat_shapes(tree, is_leaf=None) -> dict[str, tuple]:
+    """``"a/b/0/c" -> (shape, dtype name)`` for array-like leaves of a nested dict/list tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=is_leaf or (lambda m: hasattr(m, "shape") and not isinstance(m, (dict, list, tuple))))[0]
+    out = {}
+    for path, leaf in leaves:
+        if not hasattr(leaf, "shape"):
+            continue
+        key = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        out[key] = (tuple(leaf.shape), str(getattr(leaf, "dtype", "")))
+    return out
+
+
+def describe_mismatch(stored: dict, wanted: dict, limit: int = 4) -> list[str]:
+    """Lines naming each path whose stored shape/dtype differs from the wanted one (or is missing)."""
+    bad = []
+    for k, (shape, dtype) in wanted.items():
+        if k not in stored:
+            bad.append(f"{k}: not in the checkpoint")
+        elif stored[k][0] != shape:
+            bad.append(f"{k}: stored {stored[k][0]} vs model {shape}")
+        elif stored[k][1] and dtype and stored[k][1] != dtype:
+            bad.append(f"{k}: stored {stored[k][1]} vs model {dtype}")
+    bad += [f"{k}: not in the model" for k in stored if k not in wanted]
+    return bad
 
 
 class Checkpointer:
@@ -49,10 +97,28 @@ class Checkpointer:
                 items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+    def check_matches(self, step: int, abstract_state: Any) -> None:
+        """Raise :class:`CheckpointMismatch` (one line) when the stored params / rest of ``step``
+        have other shapes or dtypes than ``abstract_state``'s: the checkpoint is fine, the
+        config is another one. An unreadable checkpoint raises whatever reading it raises."""
+        step_dir = self.directory / str(step)
+        tree = stored_state_tree(step_dir)
+        bad = []
+        for part in ("params", "rest"):
+            if not isinstance(abstract_state, dict) or part not in abstract_state:
+                continue
+            stored = flat_shapes(dict(tree).get(part, {}) or {})
+            bad += [f"{part}/{line}" for line in describe_mismatch(stored, flat_shapes(abstract_state[part]))]
+        if bad:
+            more = f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""
+            raise CheckpointMismatch(f"{step_dir} does not match this run's model: {'; '.join(bad[:4])}{more}; "
+                                     "it was written with another config (nothing was changed)")
+
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
         """Restore ``state`` onto the shardings in ``abstract_state`` (ShapeDtypeStructs), and the
         iterator in place; returns (state, meta)."""
         step_dir = self.directory / str(step)
+        self.check_matches(step, abstract_state)
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         elastic = None

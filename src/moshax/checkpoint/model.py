@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from moshax import registry
-from moshax.checkpoint.manager import Checkpointer
+from moshax.checkpoint.manager import CheckpointError, Checkpointer, quiet_orbax, stored_state_tree
 from moshax.config import ConfigError, from_dict
 from moshax.parallel.partition import ModelHandle
 
@@ -86,21 +85,14 @@ class ModelCheckpoint:
         """The stored model config (checkpoints of the old config layout load too)."""
         return from_dict({"model": copy.deepcopy(self.model_config_dict)}).model
 
-    def _state_tree(self):
-        import orbax.checkpoint as ocp
-
-        with _quiet_orbax():
-            md = ocp.PyTreeCheckpointer().metadata(self.step_dir / "state")
-        tree = getattr(md, "item_metadata", md)
-        return getattr(tree, "tree", tree)
-
     def param_shapes(self) -> dict:
         """Pure dict path -> shape tuple of the stored params."""
         import jax
 
-        tree = self._state_tree()
-        return jax.tree.map(lambda m: tuple(m.shape), dict(tree["params"]),
-                            is_leaf=lambda m: hasattr(m, "shape") and not isinstance(m, dict))
+        with unreadable_as_error(self.step_dir):
+            tree = stored_state_tree(self.step_dir)
+            return jax.tree.map(lambda m: tuple(m.shape), dict(tree["params"]),
+                                is_leaf=lambda m: hasattr(m, "shape") and not isinstance(m, dict))
 
     def restore(self, params_target: dict, rest_target: dict | None = None) -> tuple[dict, dict]:
         """Restore params (and rest) only, onto the targets' shapes, dtypes and shardings
@@ -112,22 +104,9 @@ class ModelCheckpoint:
             target["rest"] = rest_target
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                       partial_restore=True)
-        with _quiet_orbax():
+        with unreadable_as_error(self.step_dir), quiet_orbax():
             out = ocp.PyTreeCheckpointer().restore(self.step_dir / "state", args=args)
         return out["params"], out.get("rest", {}) if rest_target else {}
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax looks for the step metadata inside the item dir it is given (it lives one level up,
-    in the step dir) and logs a warning that means nothing here: hide absl warnings meanwhile."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logger.setLevel(level)
 
 
 def _steps(directory: Path) -> list[int]:
@@ -156,8 +135,25 @@ def open_checkpoint(path: str | Path) -> ModelCheckpoint:
     meta_dir = directory / str(step) / "meta"
     if not meta_dir.is_dir():
         raise ConfigError(f"{directory / str(step)}: no meta item (not a moshax checkpoint)")
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
+    with unreadable_as_error(directory / str(step)):
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_dir}: unreadable checkpoint metadata")
     return ModelCheckpoint(directory, step, meta)
+
+
+@contextlib.contextmanager
+def unreadable_as_error(step_dir):
+    """Any failure reading a checkpoint's files (cut short, corrupt, missing pieces) becomes one
+    :class:`CheckpointError` line naming the step dir, instead of Orbax/TensorStore tracebacks."""
+    try:
+        yield
+    except (CheckpointError, ConfigError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever Orbax, TensorStore or JSON raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CheckpointError(f"{step_dir}: checkpoint is unreadable (files cut short or corrupt?): "
+                              f"{first[:200]}") from None
 
 
 def build_model_from_checkpoint(ckpt: ModelCheckpoint, model_cfg=None, mesh=None):

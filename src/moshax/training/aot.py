@@ -150,17 +150,29 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def compile_train_step(cfg: Config, task, topology: str) -> CompileReport:
-    """Compile ``task``'s real train step for ``topology`` and report on it."""
+def _phases(log):
+    """``log(line)`` with the seconds since the first call prefixed (None: silent)."""
+    t0 = time.perf_counter()
+    return (lambda line: log(f"[{time.perf_counter() - t0:6.1f} s] {line}")) if log else None
+
+
+def compile_train_step(cfg: Config, task, topology: str, log=None) -> CompileReport:
+    """Compile ``task``'s real train step for ``topology`` and report on it; ``log`` (e.g.
+    ``print``) hears of each phase: abstract state, lowering, compiling."""
     from moshax.parallel.mesh import build_mesh
     from moshax.training.trainer import Trainer
 
+    say = _phases(log)
     devices = topology_devices(topology)
     mesh = build_mesh(cfg.mesh, devices)
+    if say:
+        say(f"building the abstract train state on {topology} (mesh {dict(mesh.shape)})")
     trainer = Trainer(cfg, task, mesh=mesh, workdir="/nonexistent")
+    if say:
+        say(f"{trainer.handle.num_params() / 1e9:.2f}B params; lowering the train step")
     t0 = time.perf_counter()
     try:
-        compiled = trainer.compile_train_step(trainer.abstract_batch())
+        compiled = trainer.compile_train_step(trainer.abstract_batch(), say)
     except Exception as e:  # noqa: BLE001
         msg = str(e)
         if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg.lower():
@@ -177,7 +189,7 @@ def compile_train_step(cfg: Config, task, topology: str) -> CompileReport:
         model_flops=task.flops_per_example() * cfg.train.batch_size / len(devices))
 
 
-def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1, log=None) -> CompileReport:
     """Compile the model kind's streaming step (:mod:`moshax.registry`, ``decode_step``) for
     ``topology``; a kind without one is a one-line error."""
     from moshax import registry
@@ -185,6 +197,9 @@ def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> Com
     kind = registry.get(cfg.model.kind)
     if kind.decode_step is None:
         raise ConfigError(f"model.kind={cfg.model.kind!r} has no streaming decode step to compile yet")
+    say = _phases(log)
+    if say:
+        say(f"lowering and compiling the {cfg.model.kind} decode step (batch {batch}) on {topology}")
     return kind.load("decode_step")(cfg, task, topology, batch)
 
 

@@ -33,7 +33,10 @@ def training_flops_per_token(matmul_params: float, attention: tuple = ()) -> flo
 class MetricsWriter:
     """Writes metrics from process 0 only; everything is also kept in memory (``history``)."""
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int | None = None):
+        """``resume_step``: the step a resumed run restarts from; rows of ``metrics.jsonl`` past it
+        (logged by a run killed after its last checkpoint) are dropped, so a plot shows one curve."""
         self.enabled = enabled
         self.history: list[dict] = []
         self._tb = None
@@ -42,7 +45,10 @@ class MetricsWriter:
             return
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(workdir / "metrics.jsonl", "a")
+        path = workdir / "metrics.jsonl"
+        if path.is_file():
+            _drop_rows_after(path, resume_step or 0)
+        self._file = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -70,3 +76,22 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` without the rows whose step is past ``step`` (and any torn last line)."""
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(row.get("step", 0)) > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)

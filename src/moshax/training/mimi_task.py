@@ -24,7 +24,8 @@ The trainer's model is :class:`MimiForTraining`: a :class:`Mimi` with two more a
 Reported metrics: ``loss`` (G + D), ``g_loss``, ``d_loss``, ``adversarial``, ``feature_matching``,
 ``commitment``, ``distillation``, ``l1`` (when weighted), ``mel_distance`` (the mel loss, weighted
 or not), ``si_sdr``, ``rvq_entropy``,
-``rvq_expired``, ``n_q``; ``tokens_per_second`` counts codec frames (12.5 per second of audio).
+``rvq_expired``, ``n_q``; throughput is ``audio_seconds_per_second`` (no tokens, no perplexity:
+the losses are not token cross-entropies).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class MimiTask(Task):
 
         put(params, loaded_p, "")
         put(rest, loaded_r, "")
+        self.say(f"warm start (task.init_from): the codec from {self.tc.init_from}; the discriminator starts fresh")
         return params, rest
 
     # ----------------------------------------------------------------------------- data
@@ -280,6 +282,9 @@ class MimiTask(Task):
 
     def tokens_per_example(self) -> int:
         return self.frames
+
+    def throughput(self) -> tuple[str, float]:
+        return "audio_seconds_per_second", self.num_samples / self.model_cfg.sample_rate
 
 
 def _seanet_macs(m, samples: int) -> float:

@@ -153,8 +153,10 @@ class MoshiTask(Task):
         a Moshi LM checkpoint (e.g. a converted moshiko)."""
         if not self.task_cfg.init_from:
             return params, rest
-        return warm_start(params, rest, self.model_cfg, self.task_cfg.init_from, trainer.param_shardings,
-                          trainer.mesh), rest
+        new, loaded = warm_start(params, rest, self.model_cfg, self.task_cfg.init_from, trainer.param_shardings,
+                                 trainer.mesh)
+        self.say(f"warm start (task.init_from): {loaded}")
+        return new, rest
 
     # ------------------------------------------------------------------ data
 
@@ -238,9 +240,9 @@ def _nll(logits, targets, mask):
 HELIUM_KEYS = ("transformer", "out_norm", "text_linear", "text_emb")
 
 
-def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardings: dict, mesh) -> dict:
+def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardings: dict, mesh) -> tuple[dict, str]:
     """New params with the parts ``source`` provides (see :meth:`MoshiTask.init_params`), restored
-    straight onto ``shardings``."""
+    straight onto ``shardings``, and a line saying what came from where."""
     from moshax.checkpoint.model import check_shapes, open_checkpoint
 
     ckpt = open_checkpoint(source)
@@ -260,7 +262,7 @@ def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardi
     if kind == "moshi":
         check_shapes(stored, mine, f"task.init_from={source}")
         restored, _ = ckpt.restore(target(list(params)))
-        return restored
+        return restored, f"every param from the Moshi LM checkpoint {ckpt.step_dir}"
     if kind != "helium":
         raise ConfigError(f"task.init_from={source}: a {kind} checkpoint cannot initialize a Moshi LM "
                           "(expected a Helium or Moshi LM checkpoint)")
@@ -286,4 +288,5 @@ def warm_start(params: dict, rest: dict, cfg: MoshiLMConfig, source: str, shardi
     with jax.set_mesh(mesh):
         new["text_emb"] = jax.jit(lambda cur, emb: cur.at[: emb.shape[0]].set(emb.astype(cur.dtype)),
                                   out_shardings=shardings["text_emb"])(params["text_emb"], restored["text_emb"])
-    return new
+    return new, (f"text embedding, temporal transformer, out_norm and text head from the Helium checkpoint "
+                 f"{ckpt.step_dir}; audio embeddings and the depth transformer start fresh")

@@ -46,6 +46,12 @@ class Task:
         """Change freshly initialized params before training starts (warm starts); default: keep."""
         return params, rest
 
+    @staticmethod
+    def say(line: str) -> None:
+        """A status line for the user (process 0 only), e.g. what a warm start loaded."""
+        if jax.process_index() == 0:
+            print(line, flush=True)
+
     # ---------------------------------------------------------------- batches + loss
 
     def example_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -102,6 +108,11 @@ class Task:
     def tokens_per_example(self) -> int:
         """What ``tokens_per_second`` counts per example."""
         raise NotImplementedError
+
+    def throughput(self) -> tuple[str, float]:
+        """(the logged throughput's name, its units per example): ``tokens_per_second`` for the
+        LMs; a task whose examples are not tokens names its own unit."""
+        return "tokens_per_second", float(self.tokens_per_example())
 
 
 def make_task(cfg) -> Task:

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipeline.errors import DataError
-from moshax.config import Config, ConfigError, dump_yaml, to_dict
+from moshax.config import Config, ConfigError, to_dict
 from moshax.parallel.mesh import build_mesh, check_batch
 from moshax.parallel.partition import ModelHandle, replicated
 from moshax.parallel.sharding import logical_to_spec
@@ -29,6 +29,7 @@ from moshax.training.evaluate import sum_metrics
 from moshax.training.metrics import MetricsWriter, peak_flops_per_device
 from moshax.training.optimizer import make_optimizer
 from moshax.training.preemption import PreemptionWatcher
+from moshax.training.run_config import check_resume_config, write_run_config
 from moshax.training.task import Task
 
 
@@ -46,8 +47,10 @@ class StepTimes:
 class Trainer:
     """Builds everything for ``cfg`` + ``task`` on ``mesh`` (default: from ``cfg.mesh``)."""
 
-    def __init__(self, cfg: Config, task: Task, mesh: Mesh | None = None, workdir: str | Path | None = None):
+    def __init__(self, cfg: Config, task: Task, mesh: Mesh | None = None, workdir: str | Path | None = None,
+                 allow_config_change: bool = False):
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         self.task = task
         self.mesh = mesh if mesh is not None else build_mesh(cfg.mesh)
         self.workdir = Path(workdir if workdir is not None else cfg.workdir)
@@ -188,15 +191,21 @@ class Trainer:
         model = self.handle.merge(state["params"], state["rest"])
         return self.task.eval_metrics(model, jax.tree.map(lambda x: x[0], batch))
 
-    def compile_train_step(self, abstract_batch: dict) -> Callable:
-        """Lower + compile the train step ahead of time (timed), keyed to this batch shape."""
+    def compile_train_step(self, abstract_batch: dict, log: Callable[[str], None] | None = None) -> Callable:
+        """Lower + compile the train step ahead of time (timed), keyed to this batch shape;
+        ``log`` hears of each phase with its elapsed time."""
         rep = replicated(self.mesh)
         jitted = jax.jit(self._train_step_fn, in_shardings=(self.state_shardings, None),
                          out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            compiled = jitted.lower(self.abstract_state, abstract_batch).compile()
+            lowered = jitted.lower(self.abstract_state, abstract_batch)
+            if log is not None:
+                log(f"lowered the train step ({time.perf_counter() - t0:.1f} s); compiling")
+            compiled = lowered.compile()
         self.times.compile_seconds += time.perf_counter() - t0
+        if log is not None:
+            log(f"compiled the train step ({time.perf_counter() - t0:.1f} s)")
         return compiled
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
@@ -246,7 +255,8 @@ class Trainer:
                     raise DataExhausted("training data ran out before train.steps; add sources") from None
                 batch = self.to_global(local, self.accum)
                 if self._train_step is None:  # compile outside the timed window
-                    self._train_step = self.compile_train_step(_abstract(batch))
+                    log = run.say if run.step == run.start else None
+                    self._train_step = self.compile_train_step(_abstract(batch), log)
                 if run.window_start is None:
                     run.window_start = time.perf_counter()
                 for h in hooks:
@@ -280,25 +290,35 @@ class RunState:
         self.run_start = time.perf_counter()
         cfg, tc = trainer.cfg, trainer.cfg.train
         self.main = trainer.process_index == 0
-        if self.main:
-            trainer.workdir.mkdir(parents=True, exist_ok=True)
-            (trainer.workdir / "config.yaml").write_text(dump_yaml(cfg))
-        self.writer = MetricsWriter(trainer.workdir, enabled=self.main)
+        # Before anything in the workdir is touched: a config the checkpoints cannot take is one line.
+        changes = check_resume_config(trainer.workdir, cfg, allow_change=trainer.allow_config_change)
         self.ckpt = Checkpointer(trainer.workdir / "checkpoints", max_to_keep=cfg.checkpoint.max_to_keep,
                                  async_save=cfg.checkpoint.async_save)
         self.train_iter = trainer.task.data_iterator("train", global_batch_size=tc.batch_size,
                                                      process_index=trainer.process_index,
                                                      process_count=trainer.process_count)
         t0 = time.perf_counter()
-        restored = self.ckpt.restore_latest(trainer.abstract_state, self.train_iter)
+        try:
+            restored = self.ckpt.restore_latest(trainer.abstract_state, self.train_iter)
+        except BaseException:
+            self.ckpt.close()
+            raise
         trainer.times.checkpoint_seconds += time.perf_counter() - t0
         self.previous = {"productive_seconds": 0.0, "wall_seconds": 0.0}
         if restored is not None:
             self.start, self.state, meta = restored
             self.previous.update(meta.get("goodput", {}))
             self.resumed_from = self.start
+            if self.main:
+                print(f"resuming from step {self.start} (checkpoint {self.ckpt.directory / str(self.start)})",
+                      flush=True)
         else:
             self.state, self.start, self.resumed_from = trainer.init_state(), 0, None
+        if self.main:
+            trainer.workdir.mkdir(parents=True, exist_ok=True)
+            write_run_config(trainer.workdir, cfg, changes, self.start)
+        # metrics.jsonl keeps one curve: rows logged after this checkpoint (a run killed past it) go
+        self.writer = MetricsWriter(trainer.workdir, enabled=self.main, resume_step=self.start)
         self.step = self.start
         self.end = tc.steps if max_steps is None else min(tc.steps, self.start + max_steps)
         self.num_params = trainer.handle.num_params()
@@ -310,6 +330,15 @@ class RunState:
         self.last_metrics: dict = {}
         self.stop = False
         self.preempted = False
+
+    def say(self, line: str) -> None:
+        """A status line from process 0 (above the progress bar when there is one)."""
+        if not self.main:
+            return
+        if getattr(self, "pbar", None) is not None:
+            self.pbar.write(line)
+        else:
+            print(line, flush=True)
 
     @property
     def is_last(self) -> bool:
@@ -419,10 +448,11 @@ class LogHook(Hook):
         elapsed = time.perf_counter() - run.window_start
         run.productive += elapsed
         examples_per_s = run.window_steps * tc.batch_size / elapsed
-        metrics["tokens_per_second"] = examples_per_s * trainer.task.tokens_per_example()
+        unit, per_example = trainer.task.throughput()
+        metrics[unit] = examples_per_s * per_example
         metrics["step_time"] = elapsed / run.window_steps
         achieved = examples_per_s * run.flops_per_example / jax.device_count()
-        metrics["tokens_per_second_per_device"] = metrics["tokens_per_second"] / jax.device_count()
+        metrics[f"{unit}_per_device"] = metrics[unit] / jax.device_count()
         metrics["mfu"] = achieved / run.peak if run.peak else None
         totals = run.goodput_totals()
         metrics["goodput"] = run.productive / (time.perf_counter() - run.run_start)
@@ -433,7 +463,7 @@ class LogHook(Hook):
         run.last_metrics = metrics
         if run.pbar is not None:
             run.pbar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
-                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
+                                 **{unit.replace("_per_second", "/s"): f"{metrics[unit]:.4g}"})
         run.reset_window()
 
 
