@@ -1,5 +1,9 @@
 """Pre-norm transformer block and a stack of them, created with ``nnx.vmap`` and run with a scan.
 
+The block is the one copy of the layer math for Helium, Moshi's temporal and depth transformers
+and Mimi: the depth transformer builds it with per-step projection weights and a weight selector
+(see :mod:`moshax.layers.linear` and :mod:`moshax.models.depformer`).
+
 Compile time does not grow with depth (one traced layer); the remat policy is a config value.
 The KV caches of all layers are one stacked :class:`KVCache` scanned alongside the weights.
 
