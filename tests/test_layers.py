@@ -180,3 +180,59 @@ def test_chunked_attention_equals_reference_values_and_grads(context, causal):
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     for a, b in zip(ref_g, got_g):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights_per_step, schedule, remat", [(True, None, "full"), (True, [0, 1, 1, 2], "dots"),
+                                                               (False, None, "dots_with_no_batch_dims")])
+def test_depformer_is_the_shared_block_with_step_weights(weights_per_step, schedule, remat):
+    """Depformer = the shared TransformerBlock with weight set schedule[s] at depth step s: the
+    step-major training path (flattened projections), the batch-major path and a loop of plain
+    blocks (one per layer and step, a KV cache across the steps) agree, and so do the gradients of
+    the two paths with and without remat."""
+    from dataclasses import replace
+
+    from moshax.layers.transformer import TransformerBlock
+    from moshax.models.depformer import Depformer
+
+    steps, n = 4, 3
+    cfg = _tiny_cfg(layer_scale=0.5, context=2)  # a window narrower than the steps: the depformer has none
+
+    def make(remat="none"):
+        return Depformer(replace(cfg, remat=remat), steps, weights_per_step=weights_per_step, schedule=schedule,
+                         rngs=nnx.Rngs(3))
+
+    dep = make()
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(n, steps, 16)).astype(np.float32))
+    y, cache = dep(x)
+    assert cache is None
+    y_sm, _ = dep(jnp.swapaxes(x, 0, 1), step_major=True)
+    np.testing.assert_allclose(jnp.swapaxes(y_sm, 0, 1), y, rtol=1e-5, atol=1e-5)
+
+    sched = schedule or (list(range(steps)) if weights_per_step else [0] * steps)
+    pure = nnx.to_pure_dict(nnx.state(dep.layers))
+    graphdef, state = nnx.split(TransformerBlock(replace(cfg, context=steps), rngs=nnx.Rngs(0)))
+    pos = jnp.broadcast_to(jnp.arange(steps), (n, steps))
+    h = x
+    for layer in range(cfg.num_layers):
+        cache, outs = KVCache.empty(n, steps, cfg.num_heads, cfg.head_dim), []
+        for s in range(steps):
+            w = jax.tree.map(lambda a: a[layer], pure)
+            for mod, names in (("self_attn", ("in_proj", "out_proj")), ("mlp", ("linear_in", "linear_out"))):
+                for name in names:
+                    w[mod][name] = w[mod][name][sched[s]]
+            nnx.replace_by_pure_dict(state, w)
+            out, cache = nnx.merge(graphdef, state)(h[:, s:s + 1], pos[:, s:s + 1], cache)
+            outs.append(out)
+        h = jnp.concatenate(outs, axis=1)
+    np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+
+    def grads(model, step_major):
+        graphdef, params = nnx.split(model)
+        inp = jnp.swapaxes(x, 0, 1) if step_major else x
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(inp, step_major=step_major)[0] ** 2))(params)
+
+    ref = grads(dep, False)
+    for got in (grads(dep, True), grads(make(remat), True)):
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))

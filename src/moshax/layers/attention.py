@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moshax.layers.params import normal, param
 from moshax.kernels.attention import attention
+from moshax.layers.linear import STEP_AXIS, Selector, project, shared
+from moshax.layers.params import normal, param
 from moshax.layers.rope import apply_rope
 from moshax.parallel.sharding import constrain
 
@@ -58,11 +59,14 @@ def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, ca
 
 
 class MultiHeadAttention(nnx.Module):
-    """Fused qkv projection [embed, 3, heads, head_dim] (q, k, v blocks, heads contiguous)."""
+    """Fused qkv projection [embed, 3, heads, head_dim] (q, k, v blocks, heads contiguous) and
+    ``out_proj`` [heads, head_dim, embed]; with ``num_weights`` both get a leading ``depth_steps``
+    axis of that size, and each call picks the weights through its ``select`` (see
+    :mod:`moshax.layers.linear`)."""
 
     def __init__(self, dim: int, num_heads: int, *, context: int | None, causal: bool, rope: bool,
-                 max_period: float, init_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 max_period: float, init_std: float, num_weights: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.context = context
@@ -70,21 +74,39 @@ class MultiHeadAttention(nnx.Module):
         self.rope = rope
         self.max_period = max_period
         self.dtype = dtype
-        self.in_proj = param(rngs, normal(init_std), (dim, 3, num_heads, self.head_dim),
-                             ("embed", None, "heads", "kv"), param_dtype)
-        self.out_proj = param(rngs, normal(init_std), (num_heads, self.head_dim, dim),
-                              ("heads", "kv", "embed"), param_dtype)
+        steps = () if num_weights is None else (num_weights,)
+        step_axis = () if num_weights is None else (STEP_AXIS,)
+        self.in_proj = param(rngs, normal(init_std), steps + (dim, 3, num_heads, self.head_dim),
+                             step_axis + ("embed", None, "heads", "kv"), param_dtype)
+        self.out_proj = param(rngs, normal(init_std), steps + (num_heads, self.head_dim, dim),
+                              step_axis + ("heads", "kv", "embed"), param_dtype)
 
-    def __call__(self, x, positions, cache: KVCache | None = None):
-        """x [B, T, dim], positions [B, T] absolute; returns (y, updated cache or None)."""
-        x = x.astype(self.dtype)
-        qkv = jnp.einsum("btd,dshk->btshk", x, self.in_proj[...].astype(self.dtype))
+    def __call__(self, x, positions, cache: KVCache | None = None, *, select: Selector = shared,
+                 position_major: bool = False):
+        """x [B, T, dim] ([T, B, dim] when ``position_major``), positions [B, T] absolute;
+        returns (y in the layout of x, updated cache or None). The projections may come flattened
+        to 2-D matmuls (``in_proj`` [.., embed, 3*heads*head_dim], ``out_proj`` [.., heads*head_dim,
+        embed], see :func:`moshax.layers.transformer.flatten_projections`)."""
+        dt, h, hd = self.dtype, self.num_heads, self.head_dim
+        x = x.astype(dt)
+        w, per = select(self.in_proj[...])
+        qkv = project(x, w.astype(dt), 1, per_position=per, position_major=position_major)
+        qkv = qkv.reshape(qkv.shape[:2] + (3, h, hd))  # a no-op unless flattened
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if position_major:  # attention runs batch major (as the cache)
+            q, k, v = (jnp.swapaxes(a, 0, 1) for a in (q, k, v))
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         if self.rope:
             q = apply_rope(q, positions, self.max_period)
             k = apply_rope(k, positions, self.max_period)
         out, new_cache = attend(q, k, v, positions, cache, context=self.context, causal=self.causal)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        y = jnp.einsum("bthk,hkd->btd", out, self.out_proj[...].astype(self.dtype))
+        w, per = select(self.out_proj[...])
+        if position_major:  # merge the heads (heads major: sharding-safe) for one matmul per position
+            out = jnp.swapaxes(out, 0, 1)
+            out = out.reshape(out.shape[:2] + (h * hd,))
+            w = w.reshape(w.shape[:per] + (h * hd, w.shape[-1]))
+        elif w.ndim - per == 2:  # flattened
+            out = out.reshape(out.shape[:2] + (h * hd,))
+        y = project(out, w.astype(dt), out.ndim - 2, per_position=per, position_major=position_major)
         return y, new_cache

@@ -1,5 +1,9 @@
 """Pre-norm transformer block and a stack of them, created with ``nnx.vmap`` and run with a scan.
 
+The block is the one copy of the layer math for Helium, Moshi's temporal and depth transformers
+and Mimi: the depth transformer builds it with per-step projection weights and a weight selector
+(see :mod:`moshax.layers.linear` and :mod:`moshax.models.depformer`).
+
 Compile time does not grow with depth (one traced layer); the remat policy is a config value.
 The KV caches of all layers are one stacked :class:`KVCache` scanned alongside the weights.
 
@@ -18,10 +22,11 @@ from flax import nnx
 
 from moshax.config import TransformerConfig
 from moshax.layers.attention import KVCache, MultiHeadAttention
+from moshax.layers.linear import Selector, shared
 from moshax.layers.mlp import MLP
 from moshax.layers.norms import make_norm
 from moshax.layers.params import constant, param
-from moshax.parallel.sharding import constrain
+from moshax.parallel.sharding import constrain, logical_to_spec
 
 REMAT = {
     "full": None,
@@ -31,32 +36,45 @@ REMAT = {
 
 
 class TransformerBlock(nnx.Module):
-    """x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x))."""
+    """x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x)).
 
-    def __init__(self, cfg: TransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    ``num_weights``: the attention and MLP projections get a leading ``depth_steps`` axis of that
+    size (Moshi's depth transformer: a weight set per depth step; norms and LayerScales are shared
+    by all steps, as in Kyutai's layer), picked per call by ``select``. ``windowed=False`` drops the
+    attention window (``cfg.context``): the depth transformer attends to all its earlier steps.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, num_weights: int | None = None, windowed: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, rngs=rngs)
         self.self_attn = MultiHeadAttention(
-            cfg.dim, cfg.num_heads, context=cfg.context, causal=cfg.causal, rope=cfg.positional == "rope",
-            max_period=cfg.max_period, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            cfg.dim, cfg.num_heads, context=cfg.context if windowed else None, causal=cfg.causal,
+            rope=cfg.positional == "rope", max_period=cfg.max_period, init_std=cfg.init_std,
+            num_weights=num_weights, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, rngs=rngs)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, gated=cfg.gated, activation=cfg.activation,
-                       init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       init_std=cfg.init_std, num_weights=num_weights, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
         if cfg.layer_scale is not None:
             self.layer_scale_1 = param(rngs, constant(cfg.layer_scale), (cfg.dim,), ("norm",), param_dtype)
             self.layer_scale_2 = param(rngs, constant(cfg.layer_scale), (cfg.dim,), ("norm",), param_dtype)
         else:
             self.layer_scale_1 = self.layer_scale_2 = None
 
-    def __call__(self, x, positions, cache: KVCache | None = None):
-        h, cache = self.self_attn(self.norm1(x), positions, cache)
+    def __call__(self, x, positions, cache: KVCache | None = None, *, select: Selector = shared,
+                 position_major: bool = False):
+        """x [B, T, dim] ([T, B, dim] when ``position_major``), positions [B, T]; ``select`` gives
+        the projections' weights for these positions (see :mod:`moshax.layers.linear`)."""
+        h, cache = self.self_attn(self.norm1(x), positions, cache, select=select, position_major=position_major)
         if self.layer_scale_1 is not None:
             h = h * self.layer_scale_1[...].astype(h.dtype)
         x = x + h.astype(x.dtype)
-        h = self.mlp(self.norm2(x))
+        h = self.mlp(self.norm2(x), select=select, position_major=position_major)
         if self.layer_scale_2 is not None:
             h = h * self.layer_scale_2[...].astype(h.dtype)
         x = x + h.astype(x.dtype)
-        return constrain(x, ("act_batch", "act_length", "act_embed")), cache
+        axes = ("act_length", "act_batch", "act_embed") if position_major else ("act_batch", "act_length", "act_embed")
+        return constrain(x, axes), cache
 
 
 class Transformer(nnx.Module):
@@ -115,11 +133,14 @@ class Transformer(nnx.Module):
         return scan_layers(self.layers, x, cache, self.cfg.remat, lambda layer, h, c: layer(h, positions, c))
 
 
-def scan_layers(layers: nnx.Module, x, cache, remat: str, apply):
+def scan_layers(layers: nnx.Module, x, cache, remat: str, apply, *, prepare=None):
     """Run stacked ``layers`` over x with ``lax.scan`` (one traced layer whatever the depth):
     ``apply(layer, h, layer_cache) -> (h, new_layer_cache)``, rematerialized per ``remat``.
-    Returns (x, the stacked new caches or None)."""
+    ``prepare(state) -> state`` reshapes the stacked weights once, before the scan (e.g.
+    :func:`flatten_projections`). Returns (x, the stacked new caches or None)."""
     graphdef, state = nnx.split(layers)
+    if prepare is not None:
+        state = prepare(state)
 
     def body(carry, xs):
         layer_state, layer_cache = xs
@@ -128,6 +149,39 @@ def scan_layers(layers: nnx.Module, x, cache, remat: str, apply):
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
     return jax.lax.scan(body, x, (state, cache))
+
+
+def flatten_projections(state: nnx.State) -> nnx.State:
+    """Stacked :class:`TransformerBlock` weights with the fused projections flattened to 2-D
+    matmuls (a bitcast each): ``in_proj`` [.., D, 3, H, Dh] -> [.., D, 3*H*Dh], ``out_proj``
+    [.., H, Dh, D] -> [.., H*Dh, D], a gated ``linear_in`` [.., D, 2, F] -> [.., D, 2F]. The block
+    takes either layout. Done once before the scan: reshaped inside the scan body, the weights
+    would be scan residuals (a stacked copy) and their gradients would need a second zero-filled
+    buffer. Unchanged when the mesh shards ``heads``/``mlp`` (merging the q/k/v or gate/up axis
+    into a sharded axis would force a reshard)."""
+    if _heads_split():
+        return state
+    pure = nnx.to_pure_dict(state)
+    attn, mlp = pure["self_attn"], pure["mlp"]
+    lead = attn["in_proj"].ndim - 4  # layers (and depth_steps) axes
+    attn["in_proj"] = attn["in_proj"].reshape(attn["in_proj"].shape[: lead + 1] + (-1,))
+    attn["out_proj"] = attn["out_proj"].reshape(attn["out_proj"].shape[:lead] + (-1, attn["out_proj"].shape[-1]))
+    if mlp["linear_in"].ndim == lead + 3:  # gated
+        mlp["linear_in"] = mlp["linear_in"].reshape(mlp["linear_in"].shape[: lead + 1] + (-1,))
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def _heads_split() -> bool:
+    """Whether the current mesh shards the ``heads`` or ``mlp`` logical axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return False
+    for entry in logical_to_spec(("heads", "mlp"), mesh.axis_names):
+        names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        if any(mesh.shape[n] > 1 for n in names):
+            return True
+    return False
 
 
 def unstack_for_inference(model: nnx.Module) -> nnx.Module:
