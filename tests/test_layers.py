@@ -132,7 +132,7 @@ def test_unstacked_inference_layout_equals_stacked():
     bound = BoundModel(stack)
     unstacked = bound.model
     assert unstacked.unstacked and not stack.unstacked
-    assert isinstance(unstacked.init_cache(2), list) and len(unstacked.init_cache(2)) == 3
+    assert isinstance(unstacked.init_state(2), list) and len(unstacked.init_state(2)) == 3
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 9, 16)).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
     want, _ = stack(x, pos)
@@ -140,7 +140,7 @@ def test_unstacked_inference_layout_equals_stacked():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     step = bound.jit(lambda m, x, p, c: m(x, p, c), donate_argnums=(2,))
     ref_step = nnx.jit(lambda m, x, p, c: m(x, p, c))
-    cache, ref_cache = unstacked.init_cache(2), stack.init_cache(2)
+    cache, ref_cache = unstacked.init_state(2), stack.init_state(2)
     for t0 in range(0, 9, 3):  # the context (4) wraps the ring buffers
         y, cache = step(x[:, t0:t0 + 3], pos[:, t0:t0 + 3], cache)
         y_ref, ref_cache = ref_step(stack, x[:, t0:t0 + 3], pos[:, t0:t0 + 3], ref_cache)

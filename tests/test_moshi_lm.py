@@ -307,7 +307,7 @@ def test_depformer_steps_match_teacher_forcing():
 
     step = nnx.jit(lambda m, s, tok, x, c: m.depformer_step(s, tok, x, c))
     for ti in range(t):
-        cache = model.init_depformer_cache(b)
+        cache = model.init_depformer_state(b)
         for s in range(cfg.dep_q):
             logits, cache = step(model, jnp.int32(s), delayed[:, s, ti + 1], tout[:, ti], cache)
             np.testing.assert_allclose(np.asarray(logits), np.asarray(want[:, s, ti]), atol=2e-5, rtol=0)

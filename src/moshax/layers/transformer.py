@@ -112,7 +112,7 @@ class Transformer(nnx.Module):
             blocks.append(nnx.merge(graphdef, state))
         self.layers = nnx.List(blocks)
 
-    def init_cache(self, batch: int, capacity: int | None = None, dtype=None) -> KVCache | list[KVCache]:
+    def init_state(self, batch: int, capacity: int | None = None, dtype=None) -> KVCache | list[KVCache]:
         """Empty KV ring buffers [B, capacity, H, D] (capacity defaults to context): stacked
         [layers, ...] in one :class:`KVCache`, or a list of one per layer when unstacked."""
         cfg = self.cfg
@@ -186,7 +186,7 @@ def _heads_split() -> bool:
 
 def unstack_for_inference(model: nnx.Module) -> nnx.Module:
     """Every :class:`Transformer` in ``model`` switched to the unstacked inference layout (in
-    place; returns ``model``). Caches from ``init_cache``/``init_state`` made afterwards match."""
+    place; returns ``model``). Caches from ``init_state``/``init_state`` made afterwards match."""
     for module in [m for _, m in nnx.iter_graph(model) if isinstance(m, Transformer)]:
         module.unstack_layers()
     return model

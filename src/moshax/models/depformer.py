@@ -38,22 +38,22 @@ __all__ = ["STEP_AXIS", "Depformer"]
 
 class Depformer(nnx.Module):
     """``cfg.num_layers`` blocks (stacked weights ``[layers, depth_steps, ...]``) over
-    ``num_steps`` depth steps; ``schedule[s]`` is the weight set of step s (None: set s, or set 0
+    ``depth_steps`` depth steps; ``schedule[s]`` is the weight set of step s (None: set s, or set 0
     when there is a single set). Attention is causal across the steps, without a window: the
     reference drops the depformer's context."""
 
-    def __init__(self, cfg: TransformerConfig, num_steps: int, *, weights_per_step: bool = True,
+    def __init__(self, cfg: TransformerConfig, depth_steps: int, *, weights_per_step: bool = True,
                  schedule: Sequence[int] | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.num_steps = num_steps
+        self.depth_steps = depth_steps
         if weights_per_step and schedule is not None:
             self.schedule = tuple(int(i) for i in schedule)
             self.num_weights = max(self.schedule) + 1
         elif weights_per_step:
             self.schedule = None
-            self.num_weights = num_steps
+            self.num_weights = depth_steps
         else:
             self.schedule = None
             self.num_weights = 1
@@ -68,7 +68,7 @@ class Depformer(nnx.Module):
         self.layers = make_layers(rngs)
 
     def select(self, steps=None) -> StepWeights:
-        """Weight selector for depth ``steps`` (None: all steps 0..num_steps-1 in order)."""
+        """Weight selector for depth ``steps`` (None: all steps 0..depth_steps-1 in order)."""
         if self.num_weights == 1:
             return StepWeights(None)
         if steps is None:
@@ -76,16 +76,16 @@ class Depformer(nnx.Module):
         steps = jnp.asarray(steps, jnp.int32)
         return StepWeights(steps if self.schedule is None else jnp.asarray(self.schedule, jnp.int32)[steps])
 
-    def init_cache(self, batch: int, dtype=None) -> KVCache:
-        """Empty stacked KV buffers [layers, batch, num_steps, heads, head_dim] for step-by-step decoding."""
+    def init_state(self, batch: int, dtype=None) -> KVCache:
+        """Empty stacked KV buffers [layers, batch, depth_steps, heads, head_dim] for step-by-step decoding."""
         cfg = self.cfg
-        one = KVCache.empty(batch, self.num_steps, cfg.num_heads, cfg.head_dim, dtype or self.dtype)
+        one = KVCache.empty(batch, self.depth_steps, cfg.num_heads, cfg.head_dim, dtype or self.dtype)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers,) + a.shape), one)
 
     def __call__(self, x, steps=None, cache: KVCache | None = None, step_major: bool = False):
-        """x [N, S, dim]. Training: ``steps=None`` and S == num_steps (all steps at once).
+        """x [N, S, dim]. Training: ``steps=None`` and S == depth_steps (all steps at once).
         Decoding: ``steps`` [S] int = the depth steps of the S positions, with a ``cache`` from
-        :meth:`init_cache` (or a previous call). Returns (y [N, S, dim], cache or None).
+        :meth:`init_state` (or a previous call). Returns (y [N, S, dim], cache or None).
         ``step_major=True`` (training only): x and y are [S, N, dim] (the faster layout)."""
         if step_major:
             if steps is not None or cache is not None:
@@ -94,8 +94,8 @@ class Depformer(nnx.Module):
         else:
             n, s, _ = x.shape
         if steps is None:
-            if s != self.num_steps:
-                raise ValueError(f"depformer got {s} steps without `steps`, expected {self.num_steps}")
+            if s != self.depth_steps:
+                raise ValueError(f"depformer got {s} steps without `steps`, expected {self.depth_steps}")
             pos = jnp.arange(s, dtype=jnp.int32)
         else:
             pos = jnp.asarray(steps, jnp.int32).reshape(s)

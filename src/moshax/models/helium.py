@@ -40,8 +40,8 @@ class Helium(nnx.Module):
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
         return logits.astype(jnp.float32), cache
 
-    def init_cache(self, batch: int, capacity: int | None = None) -> KVCache:
-        return self.transformer.init_cache(batch, capacity)
+    def init_state(self, batch: int, capacity: int | None = None) -> KVCache:
+        return self.transformer.init_state(batch, capacity)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         import jax

@@ -148,9 +148,9 @@ class MoshiLM(nnx.Module):
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
         return x, logits.astype(jnp.float32), cache
 
-    def init_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+    def init_state(self, batch: int, capacity: int | None = None) -> KVCache:
         """Temporal KV ring buffers (capacity defaults to the temporal context)."""
-        return self.transformer.init_cache(batch, capacity)
+        return self.transformer.init_state(batch, capacity)
 
     # -- depth ---------------------------------------------------------------------------------
 
@@ -199,14 +199,14 @@ class MoshiLM(nnx.Module):
         logits = logits.reshape(cfg.dep_q, b, t, cfg.card).transpose(1, 0, 2, 3)
         return logits.astype(jnp.float32)
 
-    def init_depformer_cache(self, batch: int) -> KVCache:
-        return self.depformer.init_cache(batch)
+    def init_depformer_state(self, batch: int) -> KVCache:
+        return self.depformer.init_state(batch)
 
     def depformer_step(self, step, token, transformer_out, cache: KVCache):
         """One depth step while decoding: ``step`` (int, may be traced) in [0, dep_q), ``token`` [B]
         = the previous depth step's token (the text token for step 0, audio codebook step-1
         otherwise), transformer_out [B, D] (after out_norm). Returns (logits [B, card] float32,
-        cache). Start each time step with a fresh :meth:`init_depformer_cache`."""
+        cache). Start each time step with a fresh :meth:`init_depformer_state`."""
         dt = self.dtype
         step = jnp.asarray(step, jnp.int32)
         steps = jnp.reshape(step, (1,))

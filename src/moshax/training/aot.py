@@ -220,7 +220,7 @@ def helium_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> Comp
     dtype = jnp.dtype(cfg.model.dtype)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), handle.shapes(),
                           handle.shardings(mesh))
-    cache_shape = jax.eval_shape(lambda: model_abs.init_cache(batch))
+    cache_shape = jax.eval_shape(lambda: model_abs.init_state(batch))
     cache_axes = KVCache(("layers", "act_batch", None, "act_heads", None), ("layers", "act_batch", None, "act_heads", None),
                          ("layers", "act_batch", None))
     cache = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=named_sharding(mesh, a, s.shape)),

@@ -157,11 +157,11 @@ class Mimi(nnx.Module):
         """A fresh streaming state; every leaf is its own buffer, so a step may donate it."""
         return MimiState(
             encoder=self.encoder.init_state(batch),
-            encoder_cache=self.encoder_transformer.init_cache(batch),
+            encoder_cache=self.encoder_transformer.init_state(batch),
             encoder_offset=jnp.zeros((batch,), jnp.int32),
             downsample=None if self.downsample is None else self.downsample.init_state(batch),
             upsample=None if self.upsample is None else self.upsample.init_state(batch),
-            decoder_cache=self.decoder_transformer.init_cache(batch),
+            decoder_cache=self.decoder_transformer.init_state(batch),
             decoder_offset=jnp.zeros((batch,), jnp.int32),
             decoder=self.decoder.init_state(batch),
         )
