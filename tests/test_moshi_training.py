@@ -374,3 +374,23 @@ def test_training_from_helium_lowers_every_loss(devices, tmp_path):
     assert last["text"] < 0.8 * first["text"]
     assert last["semantic"] < 0.7 * first["semantic"]
     assert last["acoustic"] < 0.8 * first["acoustic"]
+
+
+def test_train_eval_and_moshax_eval_report_the_same_numbers(devices, shards, tmp_path):
+    """One eval path: the trainer's eval over every eval record and `moshax eval` on a checkpoint
+    of the same params give the same objective and per-stream losses (and say the batches used)."""
+    from moshax.checkpoint.model import open_checkpoint, save_model_checkpoint
+    from moshax.training.evaluate import evaluate_shards
+
+    cfg = moshi_config(shards, data={"eval_shards": str(shards)}, train={"eval_batches": 100})
+    tr = trainer_for(cfg, tmp_path / "run", (1, 1, 1))
+    state = tr.init_state()
+    ev = tr.evaluate(state)
+    assert ev["eval_batches_used"] == 48 // 8
+    save_model_checkpoint(tmp_path / "ck", jax.device_get(state["params"]), {}, config=to_dict(cfg.model),
+                          kind="moshi")
+    rep = evaluate_shards(open_checkpoint(tmp_path / "ck"), None, str(shards), batch_size=8, progress=False)
+    assert rep["records"] == 48
+    for key in ("objective", "text_loss", "audio_loss", "semantic_loss", "acoustic_loss"):
+        np.testing.assert_allclose(ev[f"eval_{key}"], rep[key], rtol=1e-5, err_msg=key)
+    assert ev["eval_loss"] == ev["eval_objective"] and "eval_perplexity" not in ev  # not a token CE

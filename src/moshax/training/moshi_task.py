@@ -138,8 +138,9 @@ class MoshiTask(Task):
         for k in range(len(s)):
             row(f"audio codebook {k + 1}" + (" (semantic)" if k == 0 else ""), s[k], w[k])
         row("acoustic (codebooks 2+)", np.sum(s[1:]), np.sum(w[1:]))
-        out = {"text_loss": mean("text"), "audio_loss": mean("audio")}
-        out["objective"] = out["text_loss"] + out["audio_loss"]
+        out = super().eval_report(totals)  # every scalar metric's sum / weight
+        out.update(text_loss=mean("text"), audio_loss=mean("audio"))
+        out["objective"] = out["loss"] = out["text_loss"] + out["audio_loss"]
         out["semantic_loss"] = float(s[0] / w[0]) if w[0] > 0 else float("nan")
         out["acoustic_loss"] = rows[-1]["cross_entropy"]
         out["streams"] = rows
