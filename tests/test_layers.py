@@ -182,8 +182,11 @@ def test_chunked_attention_equals_reference_values_and_grads(context, causal):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("weights_per_step, schedule, remat", [(True, None, "full"), (True, [0, 1, 1, 2], "dots"),
-                                                               (False, None, "dots_with_no_batch_dims")])
+@pytest.mark.parametrize("weights_per_step, schedule, remat", [
+    (True, None, "full"),
+    pytest.param(True, [0, 1, 1, 2], "dots", marks=pytest.mark.slow),  # ~1 min each on 2 cores: slow suite
+    pytest.param(False, None, "dots_with_no_batch_dims", marks=pytest.mark.slow),
+])
 def test_depformer_is_the_shared_block_with_step_weights(weights_per_step, schedule, remat):
     """Depformer = the shared TransformerBlock with weight set schedule[s] at depth step s: the
     step-major training path (flattened projections), the batch-major path and a loop of plain

@@ -330,12 +330,13 @@ class RunState:
         self.last_metrics: dict = {}
         self.stop = False
         self.preempted = False
+        self.pbar = None  # the progress hook's bar, when it shows one
 
     def say(self, line: str) -> None:
         """A status line from process 0 (above the progress bar when there is one)."""
         if not self.main:
             return
-        if getattr(self, "pbar", None) is not None:
+        if self.pbar is not None:
             self.pbar.write(line)
         else:
             print(line, flush=True)
