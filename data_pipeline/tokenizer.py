@@ -1,7 +1,7 @@
 """SentencePiece tokenizer: train one on .txt/.jsonl files, load one with clear errors.
 
-The special ids follow Kyutai's text tokenizers: ``<unk>`` = 0, ``<s>`` (BOS) = 1, ``</s>`` (EOS) = 2;
-no padding piece (pad id -1) unless asked for.
+The special ids follow Kyutai's text tokenizers: ``<unk>`` = 0, ``<s>`` (BOS) = 1, ``</s>`` (EOS) = 2,
+``<pad>`` = 3 — reserved, so no word ever encodes to Moshi's text PAD (3); Moshi's EPAD is 0.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sentencepiece as spm
 
 from data_pipeline.errors import DataError
 
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
 def _iter_documents(paths: Sequence[Path], jsonl_field: str) -> Iterator[str]:
@@ -50,7 +50,7 @@ def train_tokenizer(
     seed: int = 0,
     jsonl_field: str = "text",
     byte_fallback: bool = False,
-    pad_id: int = -1,
+    pad_id: int = 3,
     input_sentence_size: int = 2_000_000,
     num_threads: int = 16,
     hard_vocab_limit: bool = True,

@@ -143,12 +143,13 @@ def test_corpus_deterministic_and_structured(tmp_path):
 
 def test_tokenizer_train_and_round_trip(sp, corpus, tmp_path):
     assert sp.vocab_size() == 320
-    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)  # as Kyutai's: PAD 3 reserved
     docs = corpus["eval"].read_text().splitlines()[:50]
     for d in docs:
         ids = sp.encode(d)
         assert 0 not in ids  # the corpus is fully covered, no <unk>
         assert sp.decode(ids) == d
+        assert 3 not in ids  # no word encodes to Moshi's text PAD
     assert np.mean([len(sp.encode(d)) / len(d) for d in docs]) < 0.5  # real merges, not chars
 
     # BPE on a .jsonl input (field "text"), plus a .txt
