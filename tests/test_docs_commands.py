@@ -39,12 +39,6 @@ RUN: dict[str, list[str] | None] = {
         ["data", "tokenize", "--config", "configs/helium_tiny.yaml", "--output", "data/helium_tiny_shards"],
     "moshax config show --config CFG [key=value ...]": ["config", "show", "--config", "configs/moshi_tiny.yaml",
                                                        "train.steps=5"],
-    "moshax data synth-multistream --output DIR ...":  # as configs/moshi_tiny.yaml's comment, fewer examples
-        ["data", "synth-multistream", "--output", "data/moshi_tiny/train", "--examples", "16",
-         "--text-from", "data/corpus/train.txt", "--tokenizer", "data/tokenizer/spm.model"],
-    "moshax train --config configs/moshi_tiny.yaml [task.init_from=]":  # warm start from the helium_tiny run above
-        ["train", "--config", "configs/moshi_tiny.yaml", *SHORT],
-    "moshax eval --checkpoint runs/moshi_tiny --shards data/moshi_tiny/eval": None,
     "moshax convert from-kyutai --model moshi model.safetensors --output ckpt/moshiko [--kyutai-config CONFIG.json]":
         None,  # a tiny LM prepared as model.safetensors + model.json (the JSON beside it gives the architecture)
     "moshax convert to-kyutai --model moshi --checkpoint ckpt/moshiko --output back.safetensors": None,
@@ -53,6 +47,17 @@ RUN: dict[str, list[str] | None] = {
     "moshax mimi encode --checkpoint ckpt/mimi --input talk.flac --output talk.npy [--num-codebooks 8]": None,
     "moshax mimi decode --checkpoint ckpt/mimi --input talk.npy --output talk.wav": None,
     "moshax convert to-kyutai --model mimi --checkpoint ckpt/mimi --output mimi.safetensors": None,
+}
+
+# The Moshi chain (its train-step compile alone is about a minute here): a `slow` test, after its
+# own corpus and tokenizer (the first two RUN commands).
+SLOW_RUN: dict[str, list[str] | None] = {
+    "moshax data synth-multistream --output DIR ...":  # as configs/moshi_tiny.yaml's comment, fewer examples
+        ["data", "synth-multistream", "--output", "data/moshi_tiny/train", "--examples", "16",
+         "--text-from", "data/corpus/train.txt", "--tokenizer", "data/tokenizer/spm.model"],
+    "moshax train --config configs/moshi_tiny.yaml [task.init_from=]":  # the doc's option: from scratch
+        ["train", "--config", "configs/moshi_tiny.yaml", "task.init_from=", *SHORT],
+    "moshax eval --checkpoint runs/moshi_tiny --shards data/moshi_tiny/eval": None,
 }
 
 SKIP: dict[str, str] = {
@@ -177,11 +182,12 @@ def test_doc_command_matches_the_cli(where, line, cmd, fenced):
 
 def test_every_fenced_command_is_run_or_skipped_with_a_reason():
     fenced = {cmd for _, _, cmd, f in COMMANDS if f}
-    missing = sorted(fenced - set(RUN) - set(SKIP))
-    assert not missing, f"doc commands in neither RUN nor SKIP of {__file__}: {missing}"
-    stale = sorted((set(RUN) | set(SKIP)) - fenced)
-    assert not stale, f"RUN/SKIP name commands no doc shows any more: {stale}"
-    assert not set(RUN) & set(SKIP)
+    listed = set(RUN) | set(SLOW_RUN) | set(SKIP)
+    missing = sorted(fenced - listed)
+    assert not missing, f"doc commands in neither RUN, SLOW_RUN nor SKIP of {__file__}: {missing}"
+    stale = sorted(listed - fenced)
+    assert not stale, f"RUN/SLOW_RUN/SKIP name commands no doc shows any more: {stale}"
+    assert len(listed) == len(RUN) + len(SLOW_RUN) + len(SKIP)
     assert all(reason.strip() for reason in SKIP.values())
 
 
@@ -223,10 +229,8 @@ def _prepare(tmp: Path) -> None:
     write_flac(tmp / "talk.flac", tone(0.7, sr=24000)[0], 24000)
 
 
-def test_doc_commands_run(tmp_path, monkeypatch, capsys):
-    _prepare(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    for cmd, argv in RUN.items():
+def _run(commands: dict, capsys) -> None:
+    for cmd, argv in commands.items():
         argv = _as_written(cmd) if argv is None else argv
         rc = main(argv)
         cap = capsys.readouterr()
@@ -235,8 +239,23 @@ def test_doc_commands_run(tmp_path, monkeypatch, capsys):
             assert main(["data", "synth-multistream", "--output", "data/moshi_tiny/eval", "--examples", "8",
                          "--seed", "1", "--text-from", "data/corpus/eval.txt", "--tokenizer",
                          "data/tokenizer/spm.model"]) == 0
-    assert (tmp_path / "runs" / "moshi_tiny").is_dir() and (tmp_path / "talk.wav").is_file()
+
+
+def test_doc_commands_run(tmp_path, monkeypatch, capsys):
+    _prepare(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    _run(RUN, capsys)
+    assert (tmp_path / "runs" / "helium_tiny").is_dir() and (tmp_path / "talk.wav").is_file()
     assert (tmp_path / "mimi.json").is_file() and (tmp_path / "back.json").is_file()
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.slow
+def test_doc_moshi_commands_run(tmp_path, monkeypatch, capsys):
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    _run(dict(list(RUN.items())[:2]), capsys)  # the corpus and the tokenizer
+    _run(SLOW_RUN, capsys)
+    assert (tmp_path / "runs" / "moshi_tiny" / "metrics.jsonl").is_file()
