@@ -96,7 +96,8 @@ def _wav_truncation(path: str, size: int) -> str | None:
                     return (f"truncated wav: the header declares {declared} data bytes, {present} are present "
                             f"({100.0 * present / declared:.1f}%)")
                 if declared > present:
-                    return (f"corrupt or truncated wav: the {chunk.decode('latin-1')!r} chunk declares {declared} bytes, "
+                    name = chunk.decode("latin-1")
+                    return (f"corrupt or truncated wav: the {name!r} chunk declares {declared} bytes, "
                             f"{present} are present")
                 pos += 8 + declared + (declared & 1)
     except OSError as e:

@@ -32,7 +32,8 @@ RUN: dict[str, list[str] | None] = {
     "moshax data corpus --output data/corpus": None,
     # the synopsis asks for 32k pieces; the generated corpus makes 512 (what configs/helium_tiny.yaml uses)
     "moshax tokenizer train --input corpus.txt [more.jsonl ...] --vocab-size 32000 --output tok/spm [--model-type bpe]":
-        ["tokenizer", "train", "--input", "data/corpus/train.txt", "--vocab-size", "512", "--output", "data/tokenizer/spm"],
+        ["tokenizer", "train", "--input", "data/corpus/train.txt", "--vocab-size", "512",
+         "--output", "data/tokenizer/spm"],
     "moshax train --config configs/helium_tiny.yaml [--workdir DIR] [--max-steps N] [key=value ...]":
         ["train", "--config", "configs/helium_tiny.yaml", *SHORT],
     "moshax data tokenize --config CFG --output DIR":
@@ -172,7 +173,8 @@ def test_doc_command_matches_the_cli(where, line, cmd, fenced):
     for parser, rest in _parsers_for(words):
         known = set(parser._option_string_actions)
         unknown = [f for f in _flags(rest) if f not in known]
-        assert not unknown, f"{where}:{line}: `{cmd}`: {parser.prog} has no {', '.join(unknown)} (see {parser.prog} --help)"
+        assert not unknown, (f"{where}:{line}: `{cmd}`: {parser.prog} has no {', '.join(unknown)} "
+                             f"(see {parser.prog} --help)")
     if fenced and not _is_placeholder(cmd):
         try:
             build_parser().parse_args(words)

@@ -56,8 +56,9 @@ def add_parser(subparsers) -> None:
     mimi = subparsers.add_parser("mimi", help="encode audio to Mimi codes and decode them back")
     sub = mimi.add_subparsers(dest="action", required=True)
     p = sub.add_parser("encode", help="audio file -> codes .npy [num_codebooks, frames]")
-    p.add_argument("--checkpoint", required=True, help="moshax checkpoint dir, train workdir or Kyutai X.safetensors (+ X.json beside it, if "
-                   "not the released architecture)")
+    p.add_argument("--checkpoint", required=True,
+                   help="moshax checkpoint dir, train workdir or Kyutai X.safetensors (+ X.json beside it, if not "
+                        "the released architecture)")
     p.add_argument("--input", required=True, help="audio file (any rate and channel count)")
     p.add_argument("--output", required=True, help="codes .npy to write (+ a .json sidecar)")
     p.add_argument("--num-codebooks", type=int, default=None, help="codebooks to keep (default: the config's, 8)")
