@@ -9,6 +9,11 @@
 * Every failure a user can cause — missing, empty, truncated or non-audio file, no samples,
   NaN/Inf samples — raises :class:`AudioError` (a :class:`~data_pipeline.errors.DataError`)
   whose one-line message starts with the file's path.
+* Truncation: decoders read what is there, so a cut file decodes to a short signal without
+  complaint. Every read, probe and duration checks a RIFF/WAVE file's chunks against the file
+  size first (the ``data`` chunk size the header declares vs the bytes present; a chunk that runs
+  past the end). A whole-file read of a FLAC compares the decoded samples with STREAMINFO's total.
+  Other formats (ogg, mp3) fail where the decoder reports an error (sphn: ``end of stream``).
 * :func:`list_audio_files` expands directories (recursively), globs, single files and
   moshi-finetune ``.jsonl`` manifests (``{"path": ..., "duration": ...}`` per line) into files.
 * :func:`write_wav` writes 16-bit PCM (samples clipped to [-1, 1]).
@@ -44,6 +49,7 @@ def _reason(e: Exception) -> str:
 
 
 def _check_file(path: str) -> None:
+    """Exists, is a file, not empty, and (RIFF/WAVE) holds every byte its header declares."""
     if not os.path.exists(path):
         raise AudioError(f"{path}: audio file not found")
     if os.path.isdir(path):
@@ -54,6 +60,62 @@ def _check_file(path: str) -> None:
         raise AudioError(f"{path}: cannot read audio file ({_reason(e)})") from None
     if size == 0:
         raise AudioError(f"{path}: empty audio file (0 bytes)")
+    problem = _wav_truncation(path, size)
+    if problem:
+        raise AudioError(f"{path}: {problem}")
+
+
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # streaming writers leave the data size 0 or -1 ("until the end")
+
+
+def _wav_truncation(path: str, size: int) -> str | None:
+    """Why a RIFF/WAVE file is truncated (None when it is whole, or not a plain RIFF/WAVE file).
+
+    Walks the chunks: a ``data`` chunk that declares more bytes than the file has left, a chunk
+    header cut short, or a file that ends before any ``data`` chunk. RF64 files and data sizes of
+    0 or 0xFFFFFFFF (written while streaming, length unknown) are left to the decoder."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None
+            order = "little" if head[:4] == b"RIFF" else "big"
+            pos = 12
+            while True:
+                if pos >= size:
+                    return "truncated wav: the file ends before its data chunk"
+                f.seek(pos)
+                hdr = f.read(8)
+                if len(hdr) < 8:
+                    return f"truncated wav: the file ends inside a chunk header (byte {pos} of {size})"
+                chunk, declared = hdr[:4], int.from_bytes(hdr[4:8], order)
+                present = size - pos - 8
+                if chunk == b"data":
+                    if declared in _UNKNOWN_SIZES or present >= declared:
+                        return None
+                    return (f"truncated wav: the header declares {declared} data bytes, {present} are present "
+                            f"({100.0 * present / declared:.1f}%)")
+                if declared > present:
+                    name = chunk.decode("latin-1")
+                    return (f"corrupt or truncated wav: the {name!r} chunk declares {declared} bytes, "
+                            f"{present} are present")
+                pos += 8 + declared + (declared & 1)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot read audio file ({_reason(e)})") from None
+
+
+def _flac_total_samples(path: str) -> int | None:
+    """STREAMINFO's total samples per channel (None: not FLAC, or the total is unknown/0)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 + 34)
+    except OSError:
+        return None
+    if len(head) < 42 or head[:4] != b"fLaC" or head[4] & 0x7F != 0:  # STREAMINFO is the first block
+        return None
+    info = head[8:42]
+    total = int.from_bytes(info[13:18], "big") & ((1 << 36) - 1)
+    return total or None
 
 
 def _decode(path: str, start_sec: float | None, duration_sec: float | None) -> tuple[np.ndarray, int]:
@@ -147,6 +209,10 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = 24000, *, mono
         offset = start_sec - _seek_sample(t_req, sr) / sr
     else:
         data, sr = _decode(path, None, None)
+        declared = _flac_total_samples(path)
+        if declared and data.ndim == 2 and data.shape[1] < declared:
+            raise AudioError(f"{path}: truncated flac: the header declares {declared} samples, "
+                             f"{data.shape[1]} decode")
     if data.ndim != 2 or data.shape[1] == 0:
         if windowed and data.ndim == 2 and data.shape[0] > 0:
             data = np.zeros((data.shape[0], 0), np.float32)  # window past the end: silence

@@ -20,9 +20,9 @@ from data_pipeline.token_shards import ShardWriter, sha256_file
 def tokenize_to_shards(cfg, out_dir: str | Path, *, split: str = "train", records_per_shard: int = 4096,
                        progress: bool = True, config_dict: dict | None = None) -> dict:
     """Write ``cfg`` (a TextDataConfig)'s ``split`` sources as packed token shards; returns the manifest."""
+    sp = load_tokenizer(cfg.tokenizer, key="data.tokenizer")  # first: one line naming the key to set
     sources = cfg.train_sources if split == "train" else cfg.eval_sources
     docs = open_text_sources(sources, jsonl_field=cfg.jsonl_field, tfds_data_dir=cfg.tfds_data_dir, split=split)
-    sp = load_tokenizer(cfg.tokenizer)
     tokenize = Tokenize(cfg.tokenizer, add_bos=cfg.add_bos, add_eos=cfg.add_eos)
     row = cfg.seq_len + 1
     meta = {

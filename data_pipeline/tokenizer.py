@@ -119,11 +119,23 @@ def train_tokenizer(
     return Path(f"{prefix}.model")
 
 
-def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    """Load a SentencePiece ``.model`` file; :class:`DataError` if missing or not a model."""
+KYUTAI_TOKENIZER = "tokenizer_spm_32k_3.model"
+HOW_TO_GET = (f"download Kyutai's {KYUTAI_TOKENIZER} from their Hugging Face repos (e.g. kyutai/moshiko-pytorch-bf16) "
+              "or train one: moshax tokenizer train --input corpus.txt --vocab-size N --output tok/spm")
+
+
+def load_tokenizer(path: str | Path | None, key: str | None = None) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece ``.model`` file; :class:`DataError` if missing or not a model.
+
+    ``key`` names the setting the path came from (``data.tokenizer``): a missing or empty path
+    then says which key to set, and how to get a tokenizer."""
+    if path is None or not str(path).strip():
+        what = f"{key} is not set" if key else "no tokenizer file given"
+        raise DataError(f"{what}: name a sentencepiece .model ({HOW_TO_GET})")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"tokenizer file not found: {path}")
+        hint = f"set {key} to a sentencepiece .model: {HOW_TO_GET}" if key else HOW_TO_GET
+        raise DataError(f"tokenizer file not found: {path} ({hint})")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(model_file=str(path))

@@ -43,13 +43,93 @@ def test_bad_files_raise_one_line_naming_the_file(tmp_path):
     (tmp_path / "trunc.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt ")
     wavfile.write(tmp_path / "nan.wav", SR, np.array([0.0, np.nan, 0.1], np.float32))
     wavfile.write(tmp_path / "nosamples.wav", SR, np.zeros(0, np.int16))
-    expect = {"empty.wav": "empty audio file", "junk.mp3": "cannot decode", "trunc.wav": "cannot decode",
+    expect = {"empty.wav": "empty audio file", "junk.mp3": "cannot decode", "trunc.wav": "truncated wav",
               "nan.wav": "NaN", "nosamples.wav": "no audio samples", "missing.flac": "not found"}
     for name, msg in expect.items():
         with pytest.raises(AudioError) as e:
             read_audio(tmp_path / name, SR)
         text = str(e.value)
         assert text.startswith(str(tmp_path / name)) and msg in text and "\n" not in text, text
+
+
+def _cut(src, dst, keep: int):
+    dst.write_bytes(src.read_bytes()[:keep])
+    return dst
+
+
+def test_truncated_files_are_caught_against_the_header(tmp_path):
+    """The issue: a wav whose header promises 150,400 data bytes with 956 present decoded to 0.02 s
+    without complaint. Reads, windowed reads and durations all check the header now."""
+    from data_pipeline.audio import audio_info, durations
+
+    whole = tmp_path / "whole.wav"
+    write_wav(whole, tone(75200 / SR, SR), SR)  # 150,400 data bytes after a 44-byte header
+    cut = _cut(whole, tmp_path / "cut.wav", 1000)
+    for read in (lambda p: read_audio(p, SR), lambda p: read_audio(p, SR, start_sec=0.0, duration_sec=0.5),
+                 audio_info, lambda p: durations([str(whole), str(p)])):
+        with pytest.raises(AudioError) as e:
+            read(cut)
+        text = str(e.value)
+        assert text == f"{cut}: truncated wav: the header declares 150400 data bytes, 956 are present (0.6%)", text
+    header_only = _cut(whole, tmp_path / "header_only.wav", 44)
+    with pytest.raises(AudioError, match="declares 150400 data bytes, 0 are present"):
+        read_audio(header_only, SR)
+    no_data = _cut(whole, tmp_path / "no_data.wav", 36)  # ends after the fmt chunk
+    with pytest.raises(AudioError, match="no_data.wav: truncated wav: the file ends before its data chunk"):
+        read_audio(no_data, SR)
+    # a whole file, with an odd trailing chunk after the data, still reads
+    extra = tmp_path / "extra.wav"
+    extra.write_bytes(whole.read_bytes() + b"LIST\x04\x00\x00\x00abcd")
+    assert read_audio(extra, SR).shape == (1, 75200)
+    assert read_audio(whole, SR).shape == (1, 75200) and durations([str(whole)]) == [75200 / SR]
+
+
+def _crc8(data):
+    crc = 0
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+def _crc16(data):
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+def write_flac(path, samples, sample_rate, block=4096):
+    """Mono 16-bit FLAC with verbatim subframes (no encoder needed)."""
+    pcm = np.round(np.clip(samples, -1, 1) * 32767).astype(">i2")
+    n = len(pcm)
+    info = bytearray()
+    info += block.to_bytes(2, "big") + block.to_bytes(2, "big") + bytes(6)
+    packed = (sample_rate << 44) | (0 << 41) | (15 << 36) | n
+    info += packed.to_bytes(8, "big") + bytes(16)
+    out = bytearray(b"fLaC" + bytes([0x80]) + len(info).to_bytes(3, "big") + info)
+    for i, start in enumerate(range(0, n, block)):
+        chunk = pcm[start:start + block]
+        full = len(chunk) == block
+        hdr = bytearray([0xFF, 0xF8, (0b1100 if full else 0b0111) << 4, 0b0000_1000, i])
+        if not full:
+            hdr += (len(chunk) - 1).to_bytes(2, "big")
+        hdr.append(_crc8(hdr))
+        frame = hdr + bytes([0x02]) + chunk.tobytes()
+        out += frame + _crc16(frame).to_bytes(2, "big")
+    open(path, "wb").write(bytes(out))
+
+
+def test_truncated_flac_is_caught_against_streaminfo(tmp_path):
+    x = tone(1.25, SR)[0]
+    whole = tmp_path / "a.flac"
+    write_flac(whole, x, SR)
+    np.testing.assert_allclose(read_audio(whole, SR)[0], x, atol=1e-4)
+    cut = _cut(whole, tmp_path / "cut.flac", len(whole.read_bytes()) // 2)
+    with pytest.raises(AudioError) as e:
+        read_audio(cut, SR)
+    assert str(e.value) == f"{cut}: truncated flac: the header declares 30000 samples, 12288 decode"
 
 
 def test_list_audio_files(tmp_path):
@@ -141,6 +221,10 @@ def test_bad_training_files_fail_early_naming_them(ramps, tmp_path):
         _iter(root, features=Features(".npy", 50.0))
     (root / "f2.wav").write_bytes(b"RIFF garbage")
     with pytest.raises(DataError, match="f2.wav"):
+        _iter(root)
+    # a truncated wav fails the index (its header duration would have been used for crops)
+    _cut(ramps / "f2.wav", root / "f2.wav", 200)
+    with pytest.raises(DataError, match="f2.wav: truncated wav: the header declares"):
         _iter(root)
     with pytest.raises(DataError, match="do not tile"):
         _iter(ramps, features=Features(".npy", 7.0))

@@ -97,19 +97,60 @@ def test_chunked_runner_equals_batch(ckpt):
     np.testing.assert_allclose(audio, ref, rtol=1e-4, atol=1e-5)
 
 
+def _truncated_wav(tmp_path) -> bytes:
+    """The issue's file: a header promising 150,400 data bytes with 956 present."""
+    whole = tmp_path / "whole.wav"
+    write_wav(whole, tone(75200 / SR), SR)
+    return whole.read_bytes()[:1000]
+
+
 @pytest.mark.parametrize("content, expect", [
-    (b"", "empty audio file"),
-    (b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk", "cannot decode audio"),
+    (b"", "empty audio file (0 bytes)"),
+    ("truncated", "truncated wav: the header declares 150400 data bytes, 956 are present"),
+    (b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk", "corrupt or truncated wav"),
     (b"this is not audio at all" * 20, "cannot decode audio"),
 ])
 def test_encode_bad_audio_is_one_line_naming_the_file(ckpt, tmp_path, capsys, content, expect):
     bad = tmp_path / "bad.wav"
-    bad.write_bytes(content)
+    bad.write_bytes(_truncated_wav(tmp_path) if content == "truncated" else content)
     rc = main(["mimi", "encode", "--checkpoint", str(ckpt["path"]), "--input", str(bad), "--output",
                str(tmp_path / "c.npy")])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert str(bad) in err and expect in err
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith(f"moshax: error: {bad}: ")
+    assert expect in err and "wrote" not in cap.out
+    assert not (tmp_path / "c.npy").exists()
+
+
+def test_eval_audio_fails_naming_a_truncated_file(ckpt, tmp_path, capsys):
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    (folder / "0.wav").write_bytes(_truncated_wav(tmp_path))
+    write_wav(folder / "1.wav", tone(0.5), SR)
+    rc = main(["eval", "--checkpoint", str(ckpt["path"]), "--audio", str(folder)])
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    err = [ln for ln in err if ln.strip() and "eval codec" not in ln]  # tqdm's progress lines
+    assert rc == 2 and err == [f"moshax: error: {folder / '0.wav'}: truncated wav: the header declares "
+                               "150400 data bytes, 956 are present (0.6%)"], err
+
+
+def test_encode_truncated_file_in_a_process(ckpt, tmp_path):
+    """The command as a user runs it: exit 2, one line on stderr, no traceback, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "cut.wav"
+    bad.write_bytes(_truncated_wav(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "moshax.cli", "mimi", "encode", "--checkpoint", str(ckpt["path"]),
+                           "--input", str(bad), "--output", str(tmp_path / "c.npy")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("moshax") or "Traceback" in ln]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines == [f"moshax: error: {bad}: truncated wav: the header declares 150400 data bytes, "
+                     "956 are present (0.6%)"], proc.stderr
+    assert not (tmp_path / "c.npy").exists() and proc.stdout == ""
 
 
 def test_cli_errors(ckpt, tmp_path, capsys):

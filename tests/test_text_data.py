@@ -35,6 +35,8 @@ from data_pipeline.text_sources import (
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from moshax.config import TextDataConfig
 
+ROOT = Path(__file__).resolve().parents[1]
+
 SEQ_LEN = 32
 
 
@@ -176,13 +178,46 @@ def test_tokenizer_train_and_round_trip(sp, corpus, tmp_path):
 
 def test_load_tokenizer_errors(tmp_path):
     missing = tmp_path / "missing.model"
-    with pytest.raises(DataError, match=f"tokenizer file not found: {re.escape(str(missing))}$"):
+    with pytest.raises(DataError, match=f"tokenizer file not found: {re.escape(str(missing))} \\(download Kyutai's "
+                                        "tokenizer_spm_32k_3.model .* or train one: moshax tokenizer train"):
         load_tokenizer(missing)
+    # from a config: the message names the key to set
+    with pytest.raises(DataError, match=f"tokenizer file not found: {re.escape(str(missing))} \\(set data.tokenizer "
+                                        "to a sentencepiece .model: download Kyutai's"):
+        load_tokenizer(missing, key="data.tokenizer")
+    for empty in ("", None):
+        with pytest.raises(DataError, match="^data.tokenizer is not set: name a sentencepiece .model "
+                                            "\\(download Kyutai's tokenizer_spm_32k_3.model .*moshax tokenizer train"):
+            load_tokenizer(empty, key="data.tokenizer")
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"\x00\x01 this is not a protobuf \xff" * 10)
     with pytest.raises(DataError, match=f"not a sentencepiece model: {re.escape(str(garbage))}$") as e:
         load_tokenizer(garbage)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tokenizer, expect", [
+    ("", "moshax: error: data.tokenizer is not set: name a sentencepiece .model (download Kyutai's "
+         "tokenizer_spm_32k_3.model from their Hugging Face repos (e.g. kyutai/moshiko-pytorch-bf16) or train one: "
+         "moshax tokenizer train"),
+    ("missing.model", "moshax: error: tokenizer file not found: missing.model (set data.tokenizer to a sentencepiece "
+                      ".model: download Kyutai's tokenizer_spm_32k_3.model"),
+])
+def test_missing_tokenizer_names_the_key(corpus, tmp_path, capsys, monkeypatch, tokenizer, expect):
+    """`moshax data tokenize` / `moshax train` on a config without a usable tokenizer: one line that
+    names data.tokenizer and says how to get one (it said "tokenizer file not found: ." before)."""
+    from moshax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"base: {ROOT / 'configs' / 'helium_tiny.yaml'}\n"
+                   f"data: {{train_sources: [{corpus['train']}], eval_sources: [], tokenizer: '{tokenizer}'}}\n")
+    for argv in (["data", "tokenize", "--config", str(cfg), "--output", str(tmp_path / "shards")],
+                 ["train", "--config", str(cfg), "--workdir", str(tmp_path / "run")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(expect), (argv, err)
+    assert not (tmp_path / "shards").exists() or not any((tmp_path / "shards").iterdir())
 
 
 # --------------------------------------------------------------------------------------------

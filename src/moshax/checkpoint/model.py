@@ -206,18 +206,24 @@ def load_codec(path, cfg=None):
     """A Mimi from ``path``: a moshax checkpoint (``moshax convert from-kyutai --model mimi``
     output, a trainer workdir, its ``checkpoints/`` dir or one step dir; the codec is read from
     ``state["params"]`` / ``state["rest"]``, extra trainer entries such as the discriminator are
-    ignored) or a Kyutai ``.safetensors`` file (with ``cfg``, default the released Mimi).
-    The config comes from the checkpoint's meta unless ``cfg`` is given."""
-    from moshax.models.mimi.config import MimiConfig
-
+    ignored) or a Kyutai ``.safetensors`` file (with ``cfg``, else the Kyutai config ``X.json``
+    beside ``X.safetensors`` when present (what ``moshax convert to-kyutai`` writes), else the
+    released Mimi). The config comes from the checkpoint's meta unless ``cfg`` is given."""
     p = Path(path)
     if p.suffix == ".safetensors":
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint not found: {p}")
-        from moshax.interop.mimi_weights import MimiWeightsError, load_mimi
+        from moshax.interop.kyutai_config import resolve_kyutai_config
+        from moshax.interop.mimi_weights import MimiWeightsError, config_from_kyutai, load_mimi
 
+        if cfg is None:
+            kyutai, where = resolve_kyutai_config(p)
+            try:
+                cfg = config_from_kyutai(kyutai or {})
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
         try:
-            return load_mimi(p, cfg or MimiConfig())
+            return load_mimi(p, cfg)
         except MimiWeightsError as e:
             raise ConfigError(f"{p}: {str(e).splitlines()[0]}") from None
     ckpt = open_checkpoint(p)

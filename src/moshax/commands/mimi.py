@@ -6,7 +6,8 @@
 ``CKPT`` is a moshax checkpoint directory — the output of ``moshax convert from-kyutai --model
 mimi``, a ``moshax train`` workdir (its newest checkpoint; the codec's ``state["params"]`` /
 ``state["rest"]``, the discriminator is ignored), its ``checkpoints/`` dir or one step dir — or a
-Kyutai ``.safetensors`` file (the released Mimi architecture).
+Kyutai ``X.safetensors`` file: its architecture is the Kyutai config ``X.json`` beside it when
+present (``moshax convert to-kyutai`` writes it), else the released Mimi.
 
 Encode reads any format ``sphn`` decodes (wav, flac, mp3, ogg), any sample rate and channel
 count: channels are averaged to mono and the signal is resampled to 24 kHz (polyphase). Its
@@ -14,8 +15,8 @@ length is then zero-padded at the end to a whole number of 1920-sample frames (8
 ``frames = ceil(samples / 1920)``. ``CODES.npy`` holds int32 ``[num_codebooks, frames]``
 (semantic codebook first); a sidecar ``CODES.json`` records the original length, rate and
 source. Decode writes 16-bit mono wav at 24 kHz of ``frames * 1920`` samples, trimmed to the
-original length when the sidecar is there. Unreadable, empty or corrupt input fails with one
-line naming the file.
+original length when the sidecar is there. Unreadable, empty, truncated (checked against the
+file's header) or corrupt input fails with one line naming the file, exit 2, nothing written.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def add_parser(subparsers) -> None:
     mimi = subparsers.add_parser("mimi", help="encode audio to Mimi codes and decode them back")
     sub = mimi.add_subparsers(dest="action", required=True)
     p = sub.add_parser("encode", help="audio file -> codes .npy [num_codebooks, frames]")
-    p.add_argument("--checkpoint", required=True, help="moshax checkpoint dir, train workdir or Kyutai .safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="moshax checkpoint dir, train workdir or Kyutai X.safetensors (+ X.json beside it, if not "
+                        "the released architecture)")
     p.add_argument("--input", required=True, help="audio file (any rate and channel count)")
     p.add_argument("--output", required=True, help="codes .npy to write (+ a .json sidecar)")
     p.add_argument("--num-codebooks", type=int, default=None, help="codebooks to keep (default: the config's, 8)")

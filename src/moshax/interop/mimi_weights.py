@@ -347,11 +347,55 @@ def config_from_kyutai(d: dict[str, Any], **overrides):
             setattr(q, name, int(qd[name]))
     if "n_q_semantic" in qd:
         q.n_q_semantic = int(qd["n_q_semantic"])
-    q.num_codebooks = min(q.num_codebooks, q.n_q)
+    for name in ("decay", "threshold_usage_ratio", "replaced_usage_ratio"):
+        if name in qd:
+            setattr(q, name, float(qd[name]))
+    # codebooks in use: not part of Kyutai's dict (get_mimi's num_codebooks argument); moshax's JSON
+    # writes it at the top level
+    q.num_codebooks = int(d["num_codebooks"]) if "num_codebooks" in d else min(q.num_codebooks, q.n_q)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     cfg.validate("kyutai config")
     return cfg
+
+
+def config_to_kyutai(cfg: MimiConfig) -> dict:
+    """The Kyutai ``_mimi_config``-shaped dict of a :class:`MimiConfig` (inverse of
+    :func:`config_from_kyutai`: ``config_from_kyutai(config_to_kyutai(cfg)) == cfg`` up to run
+    settings: ``dtype``, ``param_dtype``, ``transformer.remat``, and the EMA's ``epsilon``,
+    ``check_unused_every`` and ``kmeans_iters``, which Kyutai's loader does not take).
+
+    Reference ``loaders.get_mimi(path, this_dict)`` builds the same architecture; the extra
+    top-level ``num_codebooks`` (the codebooks in use; get_mimi takes it as an argument) is
+    ignored by it. A config Kyutai's Mimi cannot express raises :class:`ConfigError`."""
+    s, t, q = cfg.seanet, cfg.transformer, cfg.quantizer
+    fixed = {"transformer.gated": (t.gated, False), "transformer.activation": (t.activation, "gelu"),
+             "transformer.norm": (t.norm, "layer_norm"), "transformer.positional": (t.positional, "rope"),
+             "transformer.causal": (t.causal, True), "transformer.norm_eps": (t.norm_eps, 1e-5)}
+    for name, (value, ok) in fixed.items():
+        if value != ok:
+            raise ConfigError(f"model.{name}={value!r}: Kyutai's Mimi has only {ok!r}; no Kyutai config for it")
+    seanet = {
+        "channels": s.channels, "dimension": s.dimension, "causal": True, "n_filters": s.n_filters,
+        "n_residual_layers": s.n_residual_layers, "activation": "ELU", "activation_params": {"alpha": s.elu_alpha},
+        "compress": s.compress, "dilation_base": s.dilation_base, "disable_norm_outer_blocks": 0,
+        "kernel_size": s.kernel_size, "residual_kernel_size": s.residual_kernel_size,
+        "last_kernel_size": s.last_kernel_size, "norm": "none", "pad_mode": s.pad_mode, "ratios": list(s.ratios),
+        "true_skip": s.true_skip,
+    }
+    quantizer = {
+        "dimension": q.dimension, "n_q": q.n_q, "n_q_semantic": q.n_q_semantic, "bins": q.bins,
+        "input_dimension": s.dimension, "output_dimension": s.dimension, "decay": q.decay,
+        "threshold_usage_ratio": q.threshold_usage_ratio, "replaced_usage_ratio": q.replaced_usage_ratio,
+    }
+    transformer = {
+        "d_model": t.dim, "num_heads": t.num_heads, "num_layers": t.num_layers, "causal": True,
+        "layer_scale": t.layer_scale, "context": t.context, "conv_layout": True, "max_period": t.max_period,
+        "gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": t.hidden_dim,
+        "input_dimension": s.dimension, "output_dimensions": [s.dimension],
+    }
+    return {"sample_rate": cfg.sample_rate, "channels": s.channels, "frame_rate": cfg.frame_rate,
+            "seanet": seanet, "quantizer": quantizer, "transformer": transformer, "num_codebooks": q.num_codebooks}
 
 
 WeightsError = MimiWeightsError

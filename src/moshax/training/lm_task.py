@@ -86,7 +86,7 @@ class LMTask(Task):
 
             if not data.train_sources:
                 raise ConfigError("data.train_sources is empty: name .txt/.jsonl files, tfds:NAME, or data.train_shards")
-            vocab = load_tokenizer(data.tokenizer).vocab_size()
+            vocab = load_tokenizer(data.tokenizer, key="data.tokenizer").vocab_size()
             where = f"data.tokenizer {data.tokenizer}"
         if vocab > self.cfg.model.vocab_size:
             raise ConfigError(f"{where} has {vocab} pieces but model.vocab_size={self.cfg.model.vocab_size}")
