@@ -54,7 +54,10 @@ class TextDataConfig:
         out = _missing_sources(f"{where}.train_sources", self.train_sources) + \
             _missing_sources(f"{where}.eval_sources", self.eval_sources)
         if self.tokenizer and not Path(self.tokenizer).is_file():
-            out.append(f"tokenizer file not found: {self.tokenizer} ({where}.tokenizer)")
+            from data_pipeline.tokenizer import HOW_TO_GET
+
+            out.append(f"tokenizer file not found: {self.tokenizer} (set {where}.tokenizer to a sentencepiece "
+                       f".model: {HOW_TO_GET})")
         return out
 
     def validate(self, where: str = "data") -> None:
