@@ -20,6 +20,8 @@ from moshax.interop.lm_weights import (
     save_lm_params, write_safetensors)
 from moshax.models.moshi_lm import MoshiLM, MoshiLMConfig, delay_sequence, initial_tokens, loss, total_loss
 
+from requirements import REFERENCE, require_module
+
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,8 +30,8 @@ FORWARD = nnx.jit(lambda m, c: m.forward_train(c))
 
 
 def _reference():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("moshi")
+    torch = require_module("torch", REFERENCE)
+    require_module("moshi", REFERENCE)
     from moshi.models import loaders
 
     torch.set_num_threads(2)
