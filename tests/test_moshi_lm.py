@@ -39,7 +39,7 @@ def _reference():
 
 
 def tiny_config(**kw) -> MoshiLMConfig:
-    """Like /work/shared/bench-ref LM_TINY: dim 64, 2 layers, text 100, card 64, depformer dim 32."""
+    """A tiny moshiko-layout LM: dim 64, 2 layers, text 100, card 64, depformer dim 32."""
     dep = kw.pop("depformer", {})
     base = dict(text_card=100, card=64, n_q=16, dep_q=8, delays=[0, 0] + [1] * 7 + [0] + [1] * 7,
                 transformer=TransformerConfig(dim=64, num_heads=4, num_layers=2, hidden_dim=176, context=100),
@@ -123,7 +123,7 @@ def compare(lm, model, codes):
 
 
 PARITY = {
-    # /work/shared/bench-ref LM_TINY: moshiko layout (delays 0/1, per-step depformer, 2+2 layers)
+    # tiny, moshiko layout (delays 0/1, per-step depformer, 2+2 layers)
     "lm_tiny": dict(),
     # pretraining-style acoustic delay 2, deeper per-step depformer
     "delay2_dep3": dict(delays=[0, 0] + [2] * 7 + [0] + [2] * 7,
