@@ -66,13 +66,20 @@ def compile_train(config: str, topology: str, tmp_path: Path, *overrides: str) -
 FITS = [
     ("configs/helium_7b.yaml", [], "v5p:4x4x4", {"data": 1, "fsdp": 64, "tensor": 1}, 62.0, 54.1),
     ("configs/moshi_7b.yaml", [], "v5p:2x2x2", {"data": 1, "fsdp": 8, "tensor": 1}, 23.0, 20.1),
-    # WavLM's 1024 features as the distillation target, stated (else read from the data's .npy files)
-    ("configs/mimi_full.yaml", ["model.train.teacher.dim=1024"], "v5e:2x2", {"data": 1, "fsdp": 4, "tensor": 1}, 6.9, 6.0),
+    # WavLM's 1024 features as the distillation target, stated (else read from the data's .npy files).
+    # Known not to fit today: XLA asks for 25.3 GiB of temporaries per chip (RESOURCE_EXHAUSTED in
+    # ~40 s), also at the commit that recorded 6.0 GiB in docs/scale.md; strict, so the day it fits
+    # this xpasses and fails, and the bound gets set from the new figure.
+    pytest.param("configs/mimi_full.yaml", ["model.train.teacher.dim=1024"], "v5e:2x2",
+                 {"data": 1, "fsdp": 4, "tensor": 1}, 6.9, 6.0,
+                 marks=pytest.mark.xfail(strict=True, reason="mimi_full (64 x 2 s crops) needs 25.3 GiB of HLO "
+                                         "temporaries per chip on v5e:2x2 (16 GiB): docs/scale.md's 6.0 GiB does not "
+                                         "reproduce")),
 ]
 
 
 @pytest.mark.parametrize("config, overrides, topology, mesh, bound_gib, measured_gib", FITS,
-                         ids=[f"{Path(c).stem}-{t}" for c, _, t, *_ in FITS])
+                         ids=["helium_7b-v5p:4x4x4", "moshi_7b-v5p:2x2x2", "mimi_full-v5e:2x2"])
 def test_fits_under_bound(config, overrides, topology, mesh, bound_gib, measured_gib, tmp_path):
     report = compile_train(config, topology, tmp_path, *overrides)
     assert report["fits"], report
