@@ -11,7 +11,7 @@ $(BIN)/moshax: pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=..." >&2; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,tpu]'
+	$(BIN)/pip install -q -e '.[test,tpu,tfds]'
 	# the PyTorch reference, for parity tests only (its pins are old: install it without deps)
 	$(BIN)/pip install -q 'torch==2.13.0' 'huggingface-hub>=0.24,<1.0' einops sphn
 	$(BIN)/pip install -q --no-deps 'moshi==0.2.13'

@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/bench_lm_train.py [--quick] [--configs tiny,b]
 
-Configs: ``tiny`` = configs/moshi_tiny.yaml, ``b`` = /work/shared/bench-ref/common.py ``LM_B``
+Configs: ``tiny`` = configs/moshi_tiny.yaml, ``b`` = ``LM_B`` below
 (dim 768, 12 layers, depformer 512 x 4, full vocabularies: 299M params). Batch B=2 x 125 frames
-(10 s at 12.5 Hz), fp32, random codes, as /work/shared/bench-ref/bench_lm_train.py. Each side:
+(10 s at 12.5 Hz), fp32, random codes. Each side:
 median of N steps after a warm-up step; the three measurements are interleaved step by step,
 each after a 0.5 s pause (the other runtime's idle worker threads spin for a while after a step;
 on 2 cores that alone made the tiny reference step 8x slower).
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 B, T = 2, 125
 PAUSE = 0.5  # s of idle before each timed step: the other side's spinning worker threads go to sleep
 
-# /work/shared/bench-ref/common.py LM_B (its loaders._lm_kwargs base = moshiko's values)
+# config (b), over the installed moshi's loaders._lm_kwargs (moshiko's values)
 LM_B = dict(dim=768, num_layers=12, num_heads=12, text_card=32000, card=2048, context=3000, depformer_dim=512,
             depformer_dim_feedforward=int(4.125 * 512), depformer_num_heads=8, depformer_num_layers=4)
 
@@ -124,7 +124,7 @@ def moshax_side(mcfg, codes):
 
 
 def reference_worker(kw_json: str, codes_path: str) -> None:
-    """Child process: build Kyutai's LMModel (as /work/shared/bench-ref/bench_lm_train.py), then
+    """Child process: build Kyutai's LMModel with the installed moshi package, then
     for each line "step" on stdin run one forward + text/audio CE + backward and print its time.
     In its own process: PyTorch's OpenMP threads and XLA's thread pool slow each other down
     badly when they share one (a 0.1 s reference step took 8 s after a JAX step)."""
@@ -261,7 +261,7 @@ def main() -> None:
                   f"| {ratio} |")
     print(f"\n{reps} timed steps each, interleaved, after 1 warm-up; compile s (fwd+bwd / train step): "
           + ", ".join(f"{n} {o['compile_fwd_bwd']:.1f} / {o['compile_step']:.1f}" for n, _, o, _ in rows))
-    print("target (/work/shared/targets.md): config (b) train step >= 1.5x the reference's 76 frames/s")
+    print("target: config (b) train step >= 1.5x the reference's 76 frames/s")
 
 
 if __name__ == "__main__":

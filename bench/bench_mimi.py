@@ -7,8 +7,8 @@
 2. streaming, one 80 ms frame (1920 samples) at a time, B=1: encode / decode / encode+decode
    latency p50 / p99 against the 80 ms real-time budget.
 
-The reference side is /work/shared/bench-ref/common.py (random weights, codebooks filled from
-synthetic audio), timed in a child process before the JAX side runs (the two runtimes' thread
+The reference side is bench/reference.py (the installed moshi package; random weights, codebooks
+filled from synthetic audio), timed in a child process before the JAX side runs (the two runtimes' thread
 pools slow each other down when they share a process); its state dict is loaded into moshax with
 moshax.interop.mimi_weights, and the codes of both sides are compared.
 """
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
-REF = Path(os.environ.get("MOSHAX_BENCH_REF", "/work/shared/bench-ref"))
+REF = Path(__file__).resolve().parent / "reference.py"  # the reference side: the installed moshi package
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,11 +34,10 @@ from common import header, median  # noqa: E402
 
 
 def ref_common():
-    """The reference's bench-ref/common.py (torch, 2 threads), loaded by path (bench/common.py
-    has the same module name)."""
+    """bench/reference.py (torch, 2 threads), loaded by path."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_ref_common", REF / "common.py")
+    spec = importlib.util.spec_from_file_location("bench_reference", REF)
     rc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rc)
     return rc
@@ -137,7 +136,7 @@ def main() -> int:
         tmp = Path(tmp)
         save_file(sd, str(tmp / "ref.safetensors"))
         t0 = time.perf_counter()
-        theirs = run_reference(REF / "common.py", tmp / "ref.safetensors", wav, swav, tmp, args)
+        theirs = run_reference(REF, tmp / "ref.safetensors", wav, swav, tmp, args)
         print(f"reference side (separate process, torch {torch.__version__}, {theirs['threads']} threads): "
               f"{time.perf_counter() - t0:.1f}s")
 

@@ -3,7 +3,7 @@ vs the PyTorch reference (moshi 0.2.13 in train mode, 2 threads) in one run, sam
 
     NO_TORCH_COMPILE=1 .venv/bin/python bench/bench_mimi_train.py [--repeats 5] [--gan]
 
-Both sides run what /work/shared/bench-ref/bench_mimi_train.py runs: forward in train mode (EMA
+Both sides run the same work (the reference through bench/reference.py and the installed moshi): forward in train mode (EMA
 codebook updates, commitment penalty), loss = L1 + MSE reconstruction + penalty, backward; no
 optimizer step. ``--gan`` adds moshax's whole codec training step (the Trainer's jitted step:
 generator + EnCodec-size MS-STFT discriminator, hinge + feature matching + commitment + mel-teacher
@@ -99,7 +99,7 @@ def main() -> int:
 
         save_file({k: v.detach().contiguous() for k, v in ref.state_dict().items()}, f"{tmp}/w.safetensors")
         np.save(f"{tmp}/crops.npy", np.stack([c.numpy() for c in crops]))
-        r = subprocess.run([sys.executable, "-c", REF_SCRIPT, str(REF / "common.py"), f"{tmp}/w.safetensors",
+        r = subprocess.run([sys.executable, "-c", REF_SCRIPT, str(REF), f"{tmp}/w.safetensors",
                             f"{tmp}/crops.npy", f"{tmp}/out.json"], capture_output=True, text=True,
                            env=dict(os.environ, NO_TORCH_COMPILE="1"))
         if r.returncode != 0:

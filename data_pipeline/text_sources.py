@@ -161,6 +161,18 @@ def parse_tfds_spec(spec: str) -> tuple[str, str | None]:
     return m.group("name"), m.group("split")
 
 
+def _import_tfds(spec: str):
+    """``tensorflow_datasets`` (the ``tfds`` extra), imported only when a ``tfds:`` source is used."""
+    try:
+        import importlib_resources  # noqa: F401 - tfds.data_source needs it, and does not declare it
+        import tensorflow_datasets as tfds
+        from tensorflow_datasets.core.registered import DatasetNotFoundError
+    except ImportError as e:
+        raise DataError(f"{spec}: TFDS sources need tensorflow-datasets, which is not installed "
+                        f"(pip install 'moshax[tfds]'): {e}") from None
+    return tfds, DatasetNotFoundError
+
+
 class TfdsTextSource:
     """One split of a TFDS dataset prepared on disk (``array_record`` format); documents are the
     text feature ``field`` decoded to ``str``."""
@@ -173,11 +185,7 @@ class TfdsTextSource:
         data_dir: str | None = None,
         default_splits: Sequence[str] = ("train",),
     ):
-        try:
-            import tensorflow_datasets as tfds
-            from tensorflow_datasets.core.registered import DatasetNotFoundError
-        except ImportError as e:  # pragma: no cover - tfds is a dependency
-            raise DataError(f"{spec}: tensorflow-datasets is not importable ({e})") from None
+        tfds, DatasetNotFoundError = _import_tfds(spec)
         self.spec = spec
         self.field = field
         name, split = parse_tfds_spec(spec)

@@ -12,6 +12,8 @@ from data_pipeline.audio import AudioError, list_audio_files, read_audio, write_
 from data_pipeline.audio_loader import AudioDataConfig, Features, make_audio_iterator
 from data_pipeline.errors import DataError
 
+from requirements import require_binary
+
 SR = 24000
 
 
@@ -230,8 +232,8 @@ def test_bad_training_files_fail_early_naming_them(ramps, tmp_path):
         _iter(ramps, features=Features(".npy", 7.0))
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)")
 def test_speech_corpus_is_deterministic(tmp_path):
+    require_binary("espeak-ng", "speech synthesis needs espeak-ng (apt-get install espeak-ng)")
     from data_pipeline.speech_synth import synthesize_corpus
 
     out = synthesize_corpus(tmp_path / "a", train=3, eval=1, seed=5)

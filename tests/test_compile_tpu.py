@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("libtpu", reason="TPU compile checks need the tpu extra (libtpu)")
+from requirements import require_module
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _libtpu():
+    require_module("libtpu", "TPU compile checks need the tpu extra (libtpu)")
 
 
 def compile_cmd(*args):

@@ -10,6 +10,8 @@ from flax import nnx
 
 from moshax.layers.conv import Conv1d, ConvTranspose1d
 
+from requirements import REFERENCE, require_module
+
 # (C_in, C_out, K, stride, dilation, groups, bias, pad_mode)
 CONV_CASES = [
     (3, 5, 1, 1, 1, 1, True, "constant"),
@@ -134,8 +136,8 @@ def test_param_axes():
 def test_against_kyutai_streaming_convs():
     """Batch and streaming outputs equal moshi's StreamingConv1d / StreamingConvTranspose1d."""
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("moshi")
+    torch = require_module("torch", REFERENCE)
+    require_module("moshi", REFERENCE)
     from moshi.modules.conv import StreamingConv1d, StreamingConvTranspose1d
 
     torch.manual_seed(0)

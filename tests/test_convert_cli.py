@@ -17,12 +17,14 @@ from moshax.config import ConfigError
 from moshax.interop.lm_weights import moshi_config_from_kyutai, moshi_config_to_kyutai, read_safetensors
 from moshax.models.moshi_lm import MoshiLMConfig
 
+from requirements import REFERENCE, require_module
+
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
 def _ref():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("moshi")
+    torch = require_module("torch", REFERENCE)
+    require_module("moshi", REFERENCE)
     from moshi.models import loaders
 
     torch.set_num_threads(2)

@@ -22,6 +22,7 @@ from moshax.models.mimi.config import MimiConfig, QuantizerConfig, SEANetConfig
 from moshax.models.mimi.model import Mimi
 
 from helpers import draw_codebooks
+from requirements import REFERENCE, require_module
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,9 +31,9 @@ SR = 24000
 
 def _reference():
     """(torch, moshi loaders, safetensors.torch), or skip: the reference is a test-only dependency."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("moshi")
-    st = pytest.importorskip("safetensors.torch")
+    torch = require_module("torch", REFERENCE)
+    require_module("moshi", REFERENCE)
+    st = require_module("safetensors.torch", REFERENCE)
     from moshi.models import loaders
 
     torch.set_num_threads(2)

@@ -22,6 +22,8 @@ from moshax.checkpoint.manager import Checkpointer
 from moshax.training.mimi_task import MimiTask
 from moshax.training.trainer import Trainer
 
+from requirements import REFERENCE, require_binary, require_module
+
 SR = 24000
 
 
@@ -102,7 +104,7 @@ def micro_config(root, workdir, task=None, data=None, **train):
 
 
 def test_stft_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch", REFERENCE)
     x = np.random.default_rng(0).standard_normal((2, 3000)).astype(np.float32)
     for n, hop, win in [(512, 128, 512), (256, 64, 200), (300, 70, 300)]:
         w = torch.hann_window(win)
@@ -322,7 +324,6 @@ def test_config_errors(corpus, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)")
 def test_tiny_mimi_on_synthetic_speech_lowers_losses(tmp_path):
     """configs/mimi_tiny.yaml (adversarial + feature matching + mel-teacher distillation, no
     reconstruction loss) for 200 of its 300 steps on a 120-utterance eSpeak NG corpus: the eval
@@ -330,6 +331,7 @@ def test_tiny_mimi_on_synthetic_speech_lowers_losses(tmp_path):
     eval (step 50) to the last. (Feature matching starts trivially small against the random
     initial discriminator and rises while the discriminator learns, in the first ~30 steps; the
     distillation loss falls within the first 50 steps, then stays near its level.)"""
+    require_binary("espeak-ng", "speech synthesis needs espeak-ng (apt-get install espeak-ng)")
     from pathlib import Path
 
     from data_pipeline.speech_synth import synthesize_corpus

@@ -21,6 +21,8 @@ from moshax.interop.lm_weights import (
 from moshax.models.moshi_lm import (
     MoshiLM, MoshiLMConfig, MoshiTaskConfig, delay_sequence, initial_tokens, loss, total_loss)
 
+from requirements import REFERENCE, require_module
+
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,8 +31,8 @@ FORWARD = nnx.jit(lambda m, c: m.forward_train(c))
 
 
 def _reference():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("moshi")
+    torch = require_module("torch", REFERENCE)
+    require_module("moshi", REFERENCE)
     from moshi.models import loaders
 
     torch.set_num_threads(2)
@@ -38,7 +40,7 @@ def _reference():
 
 
 def tiny_config(**kw) -> MoshiLMConfig:
-    """Like /work/shared/bench-ref LM_TINY: dim 64, 2 layers, text 100, card 64, depformer dim 32."""
+    """A tiny moshiko-layout LM: dim 64, 2 layers, text 100, card 64, depformer dim 32."""
     dep = kw.pop("depformer", {})
     base = dict(text_card=100, card=64, n_q=16, dep_q=8, delays=[0, 0] + [1] * 7 + [0] + [1] * 7,
                 transformer=TransformerConfig(dim=64, num_heads=4, num_layers=2, hidden_dim=176, context=100),
@@ -122,7 +124,7 @@ def compare(lm, model, codes):
 
 
 PARITY = {
-    # /work/shared/bench-ref LM_TINY: moshiko layout (delays 0/1, per-step depformer, 2+2 layers)
+    # tiny, moshiko layout (delays 0/1, per-step depformer, 2+2 layers)
     "lm_tiny": dict(),
     # pretraining-style acoustic delay 2, deeper per-step depformer
     "delay2_dep3": dict(delays=[0, 0] + [2] * 7 + [0] + [2] * 7,

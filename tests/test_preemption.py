@@ -84,7 +84,6 @@ def test_interrupted_or_unreadable_checkpoints_are_skipped(corpus, tmp_path, cap
                          train={"steps": 4}, checkpoint={"every": 2, "max_to_keep": 5})
     ref = _trainer(cfg, tmp_path / "ref").run()
     losses = [h["loss"] for h in ref["history"] if "loss" in h]
-    ckpts = tmp_path / "ref" / "checkpoints"
 
     # a write cut off before Orbax finalized it (tmp directory) is invisible
     work = tmp_path / "cut"
@@ -104,11 +103,12 @@ def test_interrupted_or_unreadable_checkpoints_are_skipped(corpus, tmp_path, cap
         if f.is_file() and f.name != "_METADATA":
             f.write_bytes(b"\x00garbage")
     shutil.rmtree(work / "checkpoints" / "4" / "meta")
-    cfg6 = tiny_lm_config(model={"vocab_size": 128}, data={"train_sources": [corpus["train"]], "seq_len": 16,
-                                                           "tokenizer": corpus["tokenizer"]},
-                          train={"steps": 4}, checkpoint={"every": 2, "max_to_keep": 5})
     with caplog.at_level("WARNING"):
-        s = _trainer(cfg6, work).run()
+        s = _trainer(cfg, work).run()
     assert s["resumed_from"] == 2
     assert "checkpoint 4" in caplog.text and "falling back to step 2" in caplog.text
-    assert ckpts.exists()
+    np.testing.assert_array_equal([h["loss"] for h in s["history"] if "loss" in h], losses[2:])
+    # the damaged step is kept aside, untouched, for inspection; step 4 is written anew
+    (aside,) = (work / "checkpoints").glob("unusable-4-*")
+    assert not (aside / "meta").exists() and any(f.read_bytes() == b"\x00garbage" for f in aside.rglob("*") if f.is_file())
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]

@@ -18,7 +18,6 @@ except ImportError:  # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import grain
-import tensorflow_datasets as tfds
 
 from data_pipeline import text_sources
 from data_pipeline.corpus import DAYS, MONTHS, WORDS_TO_NUMBER, generate_documents, write_corpus
@@ -34,6 +33,8 @@ from data_pipeline.text_sources import (
 )
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from moshax.config import TextDataConfig
+
+from requirements import require_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,29 +279,43 @@ def test_text_and_jsonl_sources(tmp_path, monkeypatch):
         open_text_source(tmp_path / "x.csv")
 
 
-# A tiny TFDS dataset prepared without TensorFlow (array_record format).
-class MoshaxTinyText(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
+def _tiny_tfds_builder(tfds):
+    """A tiny TFDS dataset prepared without TensorFlow (array_record format); defining the class
+    registers ``moshax_tiny_text`` with TFDS."""
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "idx": np.int64}),
-        )
+    class MoshaxTinyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
 
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples("train", 40), "validation": self._generate_examples("val", 12)}
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "idx": np.int64}),
+            )
 
-    def _generate_examples(self, prefix, n):
-        for i in range(n):
-            yield i, {"text": f"{prefix} document {i}: Monday comes before Tuesday.", "idx": i}
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples("train", 40), "validation": self._generate_examples("val", 12)}
+
+        def _generate_examples(self, prefix, n):
+            for i in range(n):
+                yield i, {"text": f"{prefix} document {i}: Monday comes before Tuesday.", "idx": i}
+
+    return MoshaxTinyText
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
+    tfds = require_module("tensorflow_datasets", "tfds: sources need the tfds extra (pip install '.[tfds]')")
     data_dir = tmp_path_factory.mktemp("tfds")
-    MoshaxTinyText(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    _tiny_tfds_builder(tfds)(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return data_dir
+
+
+def test_tfds_missing_is_one_line(monkeypatch):
+    """Without the tfds extra a ``tfds:`` source is one DataError line that names the extra."""
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
+    with pytest.raises(DataError, match=r"tfds:some_set: TFDS sources need tensorflow-datasets.*pip install 'moshax\[tfds\]'") as e:
+        open_text_source("tfds:some_set")
+    assert "\n" not in str(e.value)
 
 
 def test_tfds_source(tfds_dir, corpus, tokenizer_path, sp):
