@@ -373,7 +373,7 @@ def test_rvq_train_step_matches_reference(tiny):
     for branch in (rq.rvq_first, rq.rvq_rest):
         for layer in branch.vq.layers:
             layer._codebook._next_unused_check = 10 ** 9
-    k = model.quantizer.cfg.num_streams
+    k = model.quantizer.cfg.num_codebooks
     assert k < cfg.quantizer.n_q
     rq.set_num_codebooks(k)
     latent = nnx.jit(lambda m, a: m.encode_latent(a))(model, jnp.asarray(synth_audio(1.2, seed=12, batch=2)))
@@ -470,6 +470,6 @@ def test_train_forward_straight_through_and_commitment_gradient():
     grad = nnx.jit(lambda q, x, f: jax.grad(lambda x: f(q, x))(x), static_argnums=2)
     np.testing.assert_allclose(np.asarray(grad(q, x, out_sum)), np.asarray(grad(q, x, lin_sum)), rtol=1e-5)
     assert float(jnp.abs(grad(q, x, penalty)).sum()) > 0
-    n_q = nnx.jit(lambda q, x, k: q.train_forward(x, k, update_stats=False)[3]["n_q"])
+    n_q = nnx.jit(lambda q, x, k: q.train_forward(x, k, update_stats=False, dropout=True)[3]["n_q"])
     ns = {int(n_q(q, x, jax.random.key(k))) for k in range(12)}
     assert len(ns) > 1 and ns <= {2, 3}

@@ -295,7 +295,7 @@ class SplitResidualVQ(nnx.Module):
             out = out + self.rvq_rest.decode(codes[:, self.n_q_semantic:])
         return out
 
-    def train_forward(self, x, key, *, step=0, update_stats: bool = True):
+    def train_forward(self, x, key, *, step=0, update_stats: bool = True, dropout: bool = False):
         """Training forward on the latent x [B, T, D]: returns
         ``(quantized [B, T, D] straight-through, codes [B, K, T], penalty, metrics)`` and, when
         ``update_stats``, writes the new EMA statistics into the codebook buffers (pure under
@@ -304,7 +304,7 @@ class SplitResidualVQ(nnx.Module):
         ``step`` (int, may be traced) schedules dead-code checks every ``check_unused_every`` steps.
         The penalty is the per-branch commitment loss renormalised by the levels used, as Kyutai's.
         """
-        out = self.train_forward_parts(x, key, step=step, update_stats=update_stats)
+        out = self.train_forward_parts(x, key, step=step, update_stats=update_stats, dropout=dropout)
         return out.quantized, out.codes, out.penalty, out.metrics
 
     def train_forward_parts(self, x, key, *, step=0, update_stats: bool = True,
