@@ -20,7 +20,11 @@ HYP = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthChe
 
 
 def _normal(rng, shape, dtype):
-    return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
+    return jnp.asarray(rng.normal(size=shape).astype(np.float32).astype(dtype))  # no eager JAX ops (compiles)
+
+
+def _maxerr(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)), initial=0.0))
 
 
 def ring_positions(batch: int, capacity: int, end: int, empty: int, rng) -> np.ndarray:
@@ -43,9 +47,9 @@ def check_decode(b, tq, hkv, group, d, cap, end, empty, context, dtype, block_k,
     kp = jnp.asarray(ring_positions(b, cap, end, empty, rng))
     qp = jnp.asarray(np.broadcast_to(np.arange(end - tq, end), (b, tq)).astype(np.int32))
     out = decode_attention(q, k, v, qp, kp, context=context, block_k=block_k, num_splits=splits, interpret=True)
-    ref = reference_decode_attention(q, k, v, qp, kp, context=context)
+    ref = jax.jit(functools.partial(reference_decode_attention, context=context))(q, k, v, qp, kp)
     assert out.shape == ref.shape and out.dtype == q.dtype
-    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+    err = _maxerr(out, ref)
     assert err < TOL[dtype], err
     return err
 
@@ -96,22 +100,22 @@ def check_flash(b, t, s, hkv, group, d, context, causal, dtype, blocks, seed, pa
     qp, kp = jnp.asarray(qp), jnp.asarray(kp)
     bq, bk, bqb, bkb = blocks
     kw = dict(context=context, causal=causal)
-    f = lambda q, k, v: flash_attention(q, k, v, qp, kp, block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb,
-                                        interpret=True, **kw)
-    r = lambda q, k, v: reference_flash_attention(q, k, v, qp, kp, **kw)
+    f = jax.jit(lambda q, k, v: flash_attention(q, k, v, qp, kp, block_q=bq, block_k=bk, block_q_bwd=bqb,
+                                                block_k_bwd=bkb, interpret=True, **kw))
+    r = jax.jit(lambda q, k, v: reference_flash_attention(q, k, v, qp, kp, **kw))
     out, ref = f(q, k, v), r(q, k, v)
     assert out.shape == ref.shape and out.dtype == q.dtype
     tol = TOL[dtype]
-    errs = [float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))]
+    errs = [_maxerr(out, ref)]
     assert errs[0] < tol, errs
     if grads:
         w = _normal(rng, out.shape, jnp.float32)
         loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w)
-        gf = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
-        gr = jax.grad(loss(r), argnums=(0, 1, 2))(q, k, v)
+        gf = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
+        gr = jax.jit(jax.grad(loss(r), argnums=(0, 1, 2)))(q, k, v)
         for a, bb in zip(gf, gr):
-            scale = float(jnp.max(jnp.abs(bb.astype(jnp.float32)))) + 1.0
-            errs.append(float(jnp.max(jnp.abs(a.astype(jnp.float32) - bb.astype(jnp.float32)))))
+            scale = float(np.max(np.abs(np.asarray(bb, np.float32)))) + 1.0
+            errs.append(_maxerr(a, bb))
             assert errs[-1] < tol * scale, errs
     return errs
 
@@ -158,12 +162,13 @@ def test_attention_pallas_impl_matches_xla_on_cpu():
     q, k, v = (_normal(rng, (1, 20, 2, 16), jnp.float32) for _ in range(3))
     pos = jnp.asarray(np.arange(20)[None], jnp.int32)
     kw = dict(context=6, causal=True)
-    ref = attention(q, k, v, pos, pos, impl="xla", **kw)
-    np.testing.assert_allclose(attention(q, k, v, pos, pos, impl="pallas", **kw), ref, atol=2e-5)  # flash
-    out = attention(q[:, -1:], k, v, pos[:, -1:], pos, impl="pallas", **kw)  # decode kernel
+    ref = jax.jit(functools.partial(attention, impl="xla", **kw))(q, k, v, pos, pos)
+    pallas = jax.jit(functools.partial(attention, impl="pallas", **kw))
+    np.testing.assert_allclose(pallas(q, k, v, pos, pos), ref, atol=2e-5)  # flash
+    out = pallas(q[:, -1:], k, v, pos[:, -1:], pos)  # decode kernel
     np.testing.assert_allclose(out, ref[:, -1:], atol=2e-5)
-    g = jax.grad(lambda q: attention(q, k, v, pos[:, -1:], pos, impl="pallas", **kw).sum())(q[:, -1:])
-    g_ref = jax.grad(lambda q: reference_attention(q, k, v, pos[:, -1:], pos, **kw).sum())(q[:, -1:])
+    g = jax.jit(jax.grad(lambda q: pallas(q, k, v, pos[:, -1:], pos).sum()))(q[:, -1:])
+    g_ref = jax.jit(jax.grad(lambda q: reference_attention(q, k, v, pos[:, -1:], pos, **kw).sum()))(q[:, -1:])
     np.testing.assert_allclose(g, g_ref, atol=2e-5)
     with pytest.raises(ValueError, match="unknown attention"):
         attention(q, k, v, pos, pos, impl="triton", **kw)
