@@ -251,16 +251,19 @@ def compile_decode(topology, batch, cap=3000, heads=32, head_dim=128):
     return compiled
 
 
-def compile_flash_train(topology, t, heads=32, head_dim=128, batch=1):
+def compile_flash_train(topology, t, heads=32, head_dim=128, batch=1, kv_heads=None, context=None, causal=True):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     mesh = _tpu_mesh(topology)
-    fn = _heads_sharded(mesh, lambda q, k, v, p: flash_attention(q, k, v, p, p, context=t), 1)
+    context = t if context is None else context
+    fn = _heads_sharded(mesh, lambda q, k, v, p: flash_attention(q, k, v, p, p, context=context, causal=causal), 1)
     step = jax.grad(lambda q, k, v, p: jnp.sum(fn(q, k, v, p).astype(jnp.float32)), argnums=(0, 1, 2))
-    a = jax.ShapeDtypeStruct((batch, t, heads, head_dim), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, None, "x")))
+    h = NamedSharding(mesh, P(None, None, "x"))
+    a = jax.ShapeDtypeStruct((batch, t, heads, head_dim), jnp.bfloat16, sharding=h)
+    kv = jax.ShapeDtypeStruct((batch, t, kv_heads or heads, head_dim), jnp.bfloat16, sharding=h)
     p = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=NamedSharding(mesh, P()))
-    compiled = jax.jit(step).lower(a, a, a, p).compile()
+    compiled = jax.jit(step).lower(a, kv, kv, p).compile()
     text = compiled.as_text()
     assert text.count("tpu_custom_call") >= 3, "forward + two backward kernels"
     return compiled
@@ -282,6 +285,11 @@ def test_decode_compiles_for_tpu_7b(topology, batch):
 @pytest.mark.parametrize("t", [4096, 3000])  # Helium; Moshi (padded to 3072)
 def test_flash_fwd_bwd_compiles_for_tpu_7b(topology, t):
     compile_flash_train(topology, t)
+
+
+@pytest.mark.slow
+def test_flash_gqa_noncausal_window_compiles_for_tpu():
+    compile_flash_train("v5e:2x2", 1000, heads=32, kv_heads=8, context=256, causal=False, batch=2)
 
 
 @pytest.mark.slow

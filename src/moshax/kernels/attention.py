@@ -18,6 +18,9 @@ import jax.numpy as jnp
 IMPLS = ("auto", "xla", "chunked", "pallas")
 # At most this many queries (and more keys than queries): the decode kernel; else flash.
 DECODE_MAX_Q = 16
+# ``auto`` uses the kernels from this many keys (below, a 128-row tile would be mostly padding:
+# Moshi's depth transformer attends over 8-17 steps).
+PALLAS_MIN_KEYS = 128
 # Mesh axes the Pallas kernels are split over (under ``shard_map``): batch, then heads.
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXES = ("tensor",)
@@ -70,11 +73,11 @@ def chunked_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: boo
 
 def attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool, impl: str = "auto"):
     """Dispatch: ``xla`` (reference), ``chunked``, ``pallas`` (flash kernel; the decode kernel for
-    at most ``DECODE_MAX_Q`` queries), or ``auto``: Pallas on TPU, otherwise chunked for long
-    sequences and the reference for short ones. On a CPU ``pallas`` runs the kernels in interpret
+    at most ``DECODE_MAX_Q`` queries), or ``auto``: Pallas on TPU (from ``PALLAS_MIN_KEYS`` keys),
+    otherwise chunked for long sequences and the reference for short ones. On a CPU ``pallas`` runs the kernels in interpret
     mode (slow; for tests)."""
     if impl == "auto":
-        if _on_tpu():
+        if _on_tpu() and k.shape[1] >= PALLAS_MIN_KEYS:
             impl = "pallas"
         else:
             impl = "chunked" if q.shape[1] * k.shape[1] > CHUNK_THRESHOLD and q.shape[1] % BLOCK_Q == 0 else "xla"
