@@ -7,7 +7,8 @@ kernel from the positions (``k_pos >= 0``, causal, ``q_pos - k_pos < context``: 
 :func:`moshax.kernels.attention.attention_mask`), so any absolute positions work (packed rows,
 streaming offsets, padding = -1). Per-block position bounds go to SMEM (scalar prefetch) and a
 (q block, k block) pair that the mask empties entirely is skipped: causal training does about half
-the work, a window of W does about ``T * W`` instead of ``T^2 / 2``.
+the work, a window of W does about ``T * W`` instead of ``T^2 / 2``. The index maps clamp the
+streamed blocks to each row's live range, so skipped steps outside it fetch nothing either.
 
 Forward: online softmax over k blocks, writes out and the row log-sum-exp. Backward: two kernels
 (FlashAttention-2): dK/dV per k block looping over q blocks, dQ per q block looping over k blocks,
@@ -64,11 +65,40 @@ def _block_live(qlo, qhi, klo, khi, context, causal):
     return live
 
 
+def _live_ranges(qlo, qhi, klo, khi, context, causal):
+    """From block bounds: for each q block the first/last k block that may be live (jlo, jhi
+    [B, nq]) and for each k block the first/last live q block (ilo, ihi [B, nk]); 0 when none."""
+    live = _block_live(qlo[:, :, None], qhi[:, :, None], klo[:, None, :], khi[:, None, :], context, causal)
+    live = jnp.broadcast_to(live, qlo.shape + klo.shape[1:])  # [B, nq, nk] even when q bounds do not matter
+
+    def first_last(x, axis):
+        n = x.shape[axis]
+        anyv = jnp.any(x, axis=axis)
+        lo = jnp.argmax(x, axis=axis)
+        hi = n - 1 - jnp.argmax(jnp.flip(x, axis=axis), axis=axis)
+        return jnp.where(anyv, lo, 0).astype(jnp.int32), jnp.where(anyv, hi, 0).astype(jnp.int32)
+
+    return (*first_last(live, 2), *first_last(live, 1))
+
+
+def _kj(bi, i, j, tables):
+    """k block fetched at step (i, j): j clamped to the live range of q block i, so steps outside
+    it repeat the previous block index and the pipeline issues no copy."""
+    jlo, jhi = tables[4], tables[5]
+    return jnp.minimum(jnp.maximum(j, jlo[bi, i]), jhi[bi, i])
+
+
+def _qi(bi, i, j, tables):
+    """q block fetched at step (j, i) of the dK/dV kernel: i clamped to k block j's live range."""
+    ilo, ihi = tables[6], tables[7]
+    return jnp.minimum(jnp.maximum(i, ilo[bi, j]), ihi[bi, j])
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
 
-def _fwd_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, q_ref, qp_ref, k_ref, v_ref, kp_ref,
+def _fwd_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, _jlo, _jhi, _ilo, _ihi, q_ref, qp_ref, k_ref, v_ref, kp_ref,
                 o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, context, causal):
     bi, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -104,7 +134,7 @@ def _fwd_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, q_ref, qp_ref, k_ref, v_ref,
 
 
 def _prefetch_spec(grid, in_specs, out_specs, scratch):
-    return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
+    return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=8, grid=grid, in_specs=in_specs,
                                         out_specs=out_specs, scratch_shapes=scratch)
 
 
@@ -115,13 +145,13 @@ def _fwd(q, k, v, qp, kp, bounds, *, context, causal, bq, bk, interpret):
     g = hq // hkv
     grid = (b, hq, t // bq, s_len // bk)
     qspec = pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j, *_: (bi, h, i, 0))
-    kspec = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, *_: (bi, h // g, j, 0))
+    kspec = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, *t: (bi, h // g, _kj(bi, i, j, t), 0))
     in_specs = [
         qspec,
         pl.BlockSpec((None, bq, 1), lambda bi, h, i, j, *_: (bi, i, 0)),
         kspec,
         kspec,
-        pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, *_: (bi, 0, j)),
+        pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, *t: (bi, 0, _kj(bi, i, j, t))),
     ]
     out_specs = [qspec, pl.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, *_: (bi, h, i, 0))]
     scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, d), jnp.float32)]
@@ -146,7 +176,7 @@ def _recompute_p(q, k, qp, kp, lse, scale, context, causal):
     return jnp.where(mask, jnp.exp(s - lse), 0.0)
 
 
-def _dkv_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, q_ref, qp_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kp_ref,
+def _dkv_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, _jlo, _jhi, _ilo, _ihi, q_ref, qp_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kp_ref,
                 dk_ref, dv_ref, dk_sc, dv_sc, *, scale, context, causal):
     bi, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -172,7 +202,7 @@ def _dkv_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, q_ref, qp_ref, do_ref, lse_r
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, q_ref, qp_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kp_ref,
+def _dq_kernel(qlo_ref, qhi_ref, klo_ref, khi_ref, _jlo, _jhi, _ilo, _ihi, q_ref, qp_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kp_ref,
                dq_ref, dq_sc, *, scale, context, causal):
     bi, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -204,9 +234,10 @@ def _bwd(q, k, v, qp, kp, o, lse, do, bounds, *, context, causal, bq, bk, interp
     args = (*bounds, q, qp, do, lse, delta, k, v, kp)
 
     # dK, dV: grid over k blocks (parallel), q blocks innermost (arbitrary); per q head.
-    qrow = lambda shape: pl.BlockSpec((None, None, bq, shape), lambda bi, h, j, i, *_: (bi, h, i, 0))
+    qrow = lambda shape: pl.BlockSpec((None, None, bq, shape), lambda bi, h, j, i, *t: (bi, h, _qi(bi, i, j, t), 0))
     kblk = pl.BlockSpec((None, None, bk, d), lambda bi, h, j, i, *_: (bi, h // g, j, 0))
-    in_specs = [qrow(d), pl.BlockSpec((None, bq, 1), lambda bi, h, j, i, *_: (bi, i, 0)), qrow(d), qrow(1), qrow(1),
+    in_specs = [qrow(d), pl.BlockSpec((None, bq, 1), lambda bi, h, j, i, *t: (bi, _qi(bi, i, j, t), 0)), qrow(d),
+                qrow(1), qrow(1),
                 kblk, kblk, pl.BlockSpec((None, 1, bk), lambda bi, h, j, i, *_: (bi, 0, j))]
     out_kv = pl.BlockSpec((None, None, bk, d), lambda bi, h, j, i, *_: (bi, h, j, 0))
     dk, dv = pl.pallas_call(
@@ -221,9 +252,9 @@ def _bwd(q, k, v, qp, kp, o, lse, do, bounds, *, context, causal, bq, bk, interp
 
     # dQ: grid over q blocks (parallel), k blocks innermost (arbitrary).
     qrow = lambda shape: pl.BlockSpec((None, None, bq, shape), lambda bi, h, i, j, *_: (bi, h, i, 0))
-    kblk = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, *_: (bi, h // g, j, 0))
+    kblk = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, *t: (bi, h // g, _kj(bi, i, j, t), 0))
     in_specs = [qrow(d), pl.BlockSpec((None, bq, 1), lambda bi, h, i, j, *_: (bi, i, 0)), qrow(d), qrow(1), qrow(1),
-                kblk, kblk, pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, *_: (bi, 0, j))]
+                kblk, kblk, pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, *t: (bi, 0, _kj(bi, i, j, t)))]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, context=context, causal=causal),
         grid_spec=_prefetch_spec((b, hq, t // bq, s_len // bk), in_specs, [qrow(d)], [pltpu.VMEM((bq, d), jnp.float32)]),
@@ -251,7 +282,8 @@ def _bounds(qp, kp, cfg, fwd: bool):
     bq, bk = (cfg["bq"], cfg["bk"]) if fwd else (cfg["bq_bwd"], cfg["bk_bwd"])
     qlo, qhi = _block_bounds(qp[:, :, 0], bq, valid_only=False)
     klo, khi = _block_bounds(kp[:, 0, :], bk, valid_only=True)
-    return (qlo, qhi, klo, khi), bq, bk
+    ranges = _live_ranges(qlo, qhi, klo, khi, cfg["context"], cfg["causal"])
+    return (qlo, qhi, klo, khi, *ranges), bq, bk
 
 
 def _flash_fwd(q, k, v, qp, kp, cfg):
