@@ -1,7 +1,7 @@
-"""Masked multi-head attention with absolute positions, in XLA.
+"""Masked multi-head attention with absolute positions: the implementations and their dispatch.
 
-``reference_attention`` materializes the [B, H, Tq, Tk] scores: simplest, exact, and what the
-tests compare everything against. ``chunked_attention`` runs it over blocks of queries under
+``reference_attention`` (:mod:`moshax.kernels.reference`, re-exported here) materializes the
+[B, H, Tq, Tk] scores: simplest, exact, and what the tests compare everything against. ``chunked_attention`` runs it over blocks of queries under
 ``jax.checkpoint``, so a training step holds one block's scores at a time (a 7B step at 4096
 tokens otherwise needs ~100 GiB per chip for scores and probabilities). ``attention`` picks,
 including the Pallas kernels (:mod:`moshax.kernels.flash`, :mod:`moshax.kernels.decode`).
@@ -14,6 +14,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from moshax.kernels.decode import decode_attention, reference_decode_attention
+from moshax.kernels.flash import flash_attention
+from moshax.kernels.reference import attention_mask, reference_attention
+
+__all__ = ["attention", "attention_mask", "chunked_attention", "compiling_for_tpu", "pallas_attention",
+           "reference_attention"]
 
 IMPLS = ("auto", "xla", "chunked", "pallas")
 # At most this many queries (and more keys than queries): the decode kernel; else flash.
@@ -28,28 +35,6 @@ HEAD_AXES = ("tensor",)
 # Above this many score entries per (batch, head), the query-chunked path is used.
 CHUNK_THRESHOLD = 1024 * 1024
 BLOCK_Q = 512
-
-
-def attention_mask(q_pos, k_pos, context: int | None, causal: bool):
-    """[B, Tq, Tk] boolean: key valid (pos >= 0), causal and within the context window."""
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = k_pos[:, None, :] >= 0
-    if causal:
-        mask &= delta >= 0
-    if context is not None:
-        mask &= delta < context if causal else jnp.abs(delta) < context
-    return mask
-
-
-def reference_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool):
-    """q [B, Tq, H, D], k/v [B, Tk, H, D], positions [B, T]; softmax in fp32."""
-    mask = attention_mask(q_pos, k_pos, context, causal)
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None], probs, 0.0)  # rows with no valid key give zeros, not NaN
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 def chunked_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool, block_q: int = BLOCK_Q):
@@ -112,8 +97,6 @@ def pallas_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool
     """The Pallas kernels, split over the context mesh (``jax.set_mesh``) with ``shard_map``: batch
     over ``data``/``fsdp`` and heads over ``tensor`` where they divide, replicated otherwise (a
     ``pallas_call`` is not partitioned by XLA)."""
-    from moshax.kernels.flash import flash_attention
-
     if interpret is None:
         interpret = not _on_tpu()
     if q.shape[1] <= DECODE_MAX_Q and k.shape[1] > q.shape[1]:
@@ -149,8 +132,6 @@ def _over_mesh(fn, q, k, v, q_pos, k_pos):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _decode_with_grad(q, k, v, q_pos, k_pos, context, causal, interpret):
     """The decode kernel; its gradient (rarely needed: a few queries) comes from the reference."""
-    from moshax.kernels.decode import decode_attention
-
     return decode_attention(q, k, v, q_pos, k_pos, context=context, causal=causal, interpret=interpret)
 
 
@@ -159,8 +140,6 @@ def _decode_fwd(q, k, v, q_pos, k_pos, context, causal, interpret):
 
 
 def _decode_bwd(context, causal, interpret, res, g):
-    from moshax.kernels.decode import reference_decode_attention
-
     q, k, v, q_pos, k_pos = res
     _, vjp = jax.vjp(lambda q, k, v: reference_decode_attention(q, k, v, q_pos, k_pos, context=context, causal=causal),
                      q, k, v)

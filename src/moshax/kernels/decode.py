@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from moshax.kernels.reference import reference_attention
+
 BLOCK_K = 512
 NEG = -1e30  # finite "minus infinity": fully masked blocks never make NaNs
 
@@ -138,8 +140,6 @@ def combine_partials(acc, m, l):
 
 def reference_decode_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool = True):
     """Plain-jnp reference for :func:`decode_attention` (GQA by repeating kv heads)."""
-    from moshax.kernels.attention import reference_attention
-
     g = q.shape[2] // k.shape[2]
     if g > 1:
         k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moshax.kernels.decode import NEG, _round_up, block_mask
+from moshax.kernels.decode import NEG, _round_up, block_mask, reference_decode_attention
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -358,6 +358,4 @@ def _lcm(a: int, b: int) -> int:
 
 def reference_flash_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool = True):
     """Plain-jnp reference (``reference_attention``, kv heads repeated for GQA)."""
-    from moshax.kernels.decode import reference_decode_attention
-
     return reference_decode_attention(q, k, v, q_pos, k_pos, context=context, causal=causal)
