@@ -174,6 +174,17 @@ def test_attention_pallas_impl_matches_xla_on_cpu():
         attention(q, k, v, pos, pos, impl="triton", **kw)
 
 
+def test_auto_picks_pallas_only_for_tpu_and_enough_keys():
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    pos = jnp.zeros((1, 256), jnp.int32)
+    trace = lambda n: str(jax.make_jaxpr(functools.partial(attention, context=None, causal=True))(
+        q[:, :n], q[:, :n], q[:, :n], pos[:, :n], pos[:, :n]))
+    assert "pallas_call" not in trace(256)  # the CPU: XLA
+    with compiling_for_tpu():
+        assert "pallas_call" in trace(256)
+        assert "pallas_call" not in trace(16)  # Moshi's depth transformer: too few keys for a tile
+
+
 def test_config_attention_field_is_validated():
     from moshax.config import ConfigError, TransformerConfig
 
