@@ -324,3 +324,21 @@ def test_dispatch_shards_the_kernel_over_the_mesh_for_tpu():
         compiled = jax.jit(step).lower(a, a, a, p).compile()
     text = compiled.as_text()
     assert "tpu_custom_call" in text and "all-gather" not in text
+
+
+@pytest.mark.slow
+def test_helium_7b_layers_train_and_decode_steps_compile_with_the_kernels():
+    """The real train and decode steps (Helium 7B widths, 2 layers, v5p:2x2x1, FSDP over 4 chips):
+    under ``compiling_for_tpu`` the ``auto`` attention is the Pallas kernels (scan, remat,
+    custom_vjp, shard_map over the mesh) and both steps compile and fit."""
+    pytest.importorskip("libtpu", reason="TPU compile checks need the tpu extra (libtpu)")
+    from moshax.config import load_config
+    from moshax.training import aot
+    from moshax.training.task import make_task
+
+    cfg = load_config("configs/helium_7b.yaml", ["model.transformer.num_layers=2", "train.batch_size=8",
+                                                 "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"])
+    with compiling_for_tpu():
+        train = aot.compile_train_step(cfg, make_task(cfg), "v5p:2x2x1")
+        decode = aot.compile_decode_step(cfg, make_task(cfg), "v5p:2x2x1", batch=4)
+    assert train.fits and decode.fits
