@@ -336,7 +336,9 @@ def test_helium_7b_layers_train_and_decode_steps_compile_with_the_kernels():
     from moshax.training import aot
     from moshax.training.task import make_task
 
-    cfg = load_config("configs/helium_7b.yaml", ["model.transformer.num_layers=2", "train.batch_size=8",
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "helium_7b.yaml", ["model.transformer.num_layers=2", "train.batch_size=8",
                                                  "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"])
     with compiling_for_tpu():
         train = aot.compile_train_step(cfg, make_task(cfg), "v5p:2x2x1")
