@@ -101,7 +101,7 @@ class MultiHeadAttention(nnx.Module):
             q = apply_rope(q, positions, self.max_period)
             k = apply_rope(k, positions, self.max_period)
         out, new_cache = attend(q, k, v, positions, cache, context=self.context, causal=self.causal,
-                                  impl=self.attention)
+                                impl=self.attention)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         w, per = select(self.out_proj[...])
         if position_major:  # merge the heads (heads major: sharding-safe) for one matmul per position
