@@ -49,6 +49,7 @@ class TransformerConfig:
     causal: bool = True
     remat: str = "none"  # none | full | dots | dots_with_no_batch_dims
     init_std: float = 0.02
+    attention: str = "auto"  # auto (Pallas on TPU, XLA elsewhere) | xla | chunked | pallas
 
     def validate(self, where: str) -> None:
         if self.dim % self.num_heads:
@@ -59,6 +60,7 @@ class TransformerConfig:
         _choice(f"{where}.norm", self.norm, ("rms_norm", "layer_norm"))
         _choice(f"{where}.activation", self.activation, ("silu", "gelu"))
         _choice(f"{where}.remat", self.remat, REMAT_POLICIES)
+        _choice(f"{where}.attention", self.attention, ("auto", "xla", "chunked", "pallas"))
         for name in ("dim", "num_heads", "num_layers", "hidden_dim", "context"):
             _positive(f"{where}.{name}", getattr(self, name))
 

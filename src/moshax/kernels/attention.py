@@ -1,41 +1,40 @@
-"""Masked multi-head attention with absolute positions, in XLA.
+"""Masked multi-head attention with absolute positions: the implementations and their dispatch.
 
-``reference_attention`` materializes the [B, H, Tq, Tk] scores: simplest, exact, and what the
-tests compare everything against. ``chunked_attention`` runs it over blocks of queries under
+``reference_attention`` (:mod:`moshax.kernels.reference`, re-exported here) materializes the
+[B, H, Tq, Tk] scores: simplest, exact, and what the tests compare everything against. ``chunked_attention`` runs it over blocks of queries under
 ``jax.checkpoint``, so a training step holds one block's scores at a time (a 7B step at 4096
-tokens otherwise needs ~100 GiB per chip for scores and probabilities). ``attention`` picks.
+tokens otherwise needs ~100 GiB per chip for scores and probabilities). ``attention`` picks,
+including the Pallas kernels (:mod:`moshax.kernels.flash`, :mod:`moshax.kernels.decode`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from moshax.kernels.decode import decode_attention, reference_decode_attention
+from moshax.kernels.flash import flash_attention
+from moshax.kernels.reference import attention_mask, reference_attention
+
+__all__ = ["attention", "attention_mask", "chunked_attention", "compiling_for_tpu", "pallas_attention",
+           "reference_attention"]
+
+IMPLS = ("auto", "xla", "chunked", "pallas")
+# At most this many queries (and more keys than queries): the decode kernel; else flash.
+DECODE_MAX_Q = 16
+# ``auto`` uses the kernels from this many keys (below, a 128-row tile would be mostly padding:
+# Moshi's depth transformer attends over 8-17 steps).
+PALLAS_MIN_KEYS = 128
+# Mesh axes the Pallas kernels are split over (under ``shard_map``): batch, then heads.
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXES = ("tensor",)
 
 # Above this many score entries per (batch, head), the query-chunked path is used.
 CHUNK_THRESHOLD = 1024 * 1024
 BLOCK_Q = 512
-
-
-def attention_mask(q_pos, k_pos, context: int | None, causal: bool):
-    """[B, Tq, Tk] boolean: key valid (pos >= 0), causal and within the context window."""
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = k_pos[:, None, :] >= 0
-    if causal:
-        mask &= delta >= 0
-    if context is not None:
-        mask &= delta < context if causal else jnp.abs(delta) < context
-    return mask
-
-
-def reference_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool):
-    """q [B, Tq, H, D], k/v [B, Tk, H, D], positions [B, T]; softmax in fp32."""
-    mask = attention_mask(q_pos, k_pos, context, causal)
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None], probs, 0.0)  # rows with no valid key give zeros, not NaN
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 def chunked_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool, block_q: int = BLOCK_Q):
@@ -58,11 +57,93 @@ def chunked_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: boo
 
 
 def attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool, impl: str = "auto"):
-    """Dispatch: ``xla`` (reference), ``chunked``, or ``auto`` (chunked for long sequences)."""
+    """Dispatch: ``xla`` (reference), ``chunked``, ``pallas`` (flash kernel; the decode kernel for
+    at most ``DECODE_MAX_Q`` queries), or ``auto``: Pallas on TPU (from ``PALLAS_MIN_KEYS`` keys),
+    otherwise chunked for long sequences and the reference for short ones. On a CPU ``pallas`` runs the kernels in interpret
+    mode (slow; for tests)."""
     if impl == "auto":
-        impl = "chunked" if q.shape[1] * k.shape[1] > CHUNK_THRESHOLD and q.shape[1] % BLOCK_Q == 0 else "xla"
+        if _on_tpu() and k.shape[1] >= PALLAS_MIN_KEYS:
+            impl = "pallas"
+        else:
+            impl = "chunked" if q.shape[1] * k.shape[1] > CHUNK_THRESHOLD and q.shape[1] % BLOCK_Q == 0 else "xla"
     if impl == "chunked":
         return chunked_attention(q, k, v, q_pos, k_pos, context=context, causal=causal)
     if impl == "xla":
         return reference_attention(q, k, v, q_pos, k_pos, context=context, causal=causal)
-    raise ValueError(f"unknown attention implementation {impl!r}")
+    if impl == "pallas":
+        return pallas_attention(q, k, v, q_pos, k_pos, context=context, causal=causal)
+    raise ValueError(f"unknown attention implementation {impl!r} (one of {', '.join(IMPLS)})")
+
+
+_TPU_TARGET = [False]
+
+
+@contextlib.contextmanager
+def compiling_for_tpu():
+    """Trace as for a TPU while the default backend is the CPU (AOT compiles through libtpu):
+    ``auto`` picks the Pallas kernels and they lower through Mosaic instead of interpret mode."""
+    _TPU_TARGET.append(True)
+    try:
+        yield
+    finally:
+        _TPU_TARGET.pop()
+
+
+def _on_tpu() -> bool:
+    return _TPU_TARGET[-1] or jax.default_backend() == "tpu"
+
+
+def pallas_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: bool, interpret: bool | None = None):
+    """The Pallas kernels, split over the context mesh (``jax.set_mesh``) with ``shard_map``: batch
+    over ``data``/``fsdp`` and heads over ``tensor`` where they divide, replicated otherwise (a
+    ``pallas_call`` is not partitioned by XLA)."""
+    if interpret is None:
+        interpret = not _on_tpu()
+    if q.shape[1] <= DECODE_MAX_Q and k.shape[1] > q.shape[1]:
+        fn = functools.partial(_decode_with_grad, context=context, causal=causal, interpret=interpret)
+    else:
+        fn = functools.partial(flash_attention, context=context, causal=causal, interpret=interpret)
+    return _over_mesh(fn, q, k, v, q_pos, k_pos)
+
+
+def _over_mesh(fn, q, k, v, q_pos, k_pos):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, q_pos, k_pos)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch, n = [], 1
+    for a in BATCH_AXES:
+        if sizes.get(a, 1) > 1 and q.shape[0] % (n * sizes[a]) == 0:
+            batch.append(a)
+            n *= sizes[a]
+    heads, n = [], 1
+    for a in HEAD_AXES:
+        if sizes.get(a, 1) > 1 and k.shape[2] % (n * sizes[a]) == 0:
+            heads.append(a)
+            n *= sizes[a]
+    bspec = tuple(batch) or None
+    hspec = tuple(heads) or None
+    P = jax.sharding.PartitionSpec
+    x = P(bspec, None, hspec, None)
+    p = P(bspec, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(x, x, x, p, p), out_specs=x, check_vma=False)(q, k, v, q_pos, k_pos)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _decode_with_grad(q, k, v, q_pos, k_pos, context, causal, interpret):
+    """The decode kernel; its gradient (rarely needed: a few queries) comes from the reference."""
+    return decode_attention(q, k, v, q_pos, k_pos, context=context, causal=causal, interpret=interpret)
+
+
+def _decode_fwd(q, k, v, q_pos, k_pos, context, causal, interpret):
+    return _decode_with_grad(q, k, v, q_pos, k_pos, context, causal, interpret), (q, k, v, q_pos, k_pos)
+
+
+def _decode_bwd(context, causal, interpret, res, g):
+    q, k, v, q_pos, k_pos = res
+    _, vjp = jax.vjp(lambda q, k, v: reference_decode_attention(q, k, v, q_pos, k_pos, context=context, causal=causal),
+                     q, k, v)
+    return (*vjp(g), None, None)
+
+
+_decode_with_grad.defvjp(_decode_fwd, _decode_bwd)

@@ -46,15 +46,15 @@ class KVCache(NamedTuple):
         )
 
 
-def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, causal: bool):
+def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, causal: bool, impl: str = "auto"):
     """Attention of this chunk's queries over the cached keys/values (if any) and its own;
     returns (out [B, T, H, D], the cache with this chunk written, or None)."""
     if cache is None:
-        return attention(q, k, v, positions, positions, context=context, causal=causal), None
+        return attention(q, k, v, positions, positions, context=context, causal=causal, impl=impl), None
     keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
     k_pos = jnp.concatenate([cache.pos, positions], axis=1)
-    out = attention(q, keys, values, positions, k_pos, context=context, causal=causal)
+    out = attention(q, keys, values, positions, k_pos, context=context, causal=causal, impl=impl)
     return out, cache.write(k, v, positions)
 
 
@@ -66,8 +66,9 @@ class MultiHeadAttention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, context: int | None, causal: bool, rope: bool,
                  max_period: float, init_std: float, num_weights: int | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, attention: str = "auto", rngs: nnx.Rngs):
         self.num_heads = num_heads
+        self.attention = attention  # kernels.attention impl: auto | xla | chunked | pallas
         self.head_dim = dim // num_heads
         self.context = context
         self.causal = causal
@@ -99,7 +100,8 @@ class MultiHeadAttention(nnx.Module):
         if self.rope:
             q = apply_rope(q, positions, self.max_period)
             k = apply_rope(k, positions, self.max_period)
-        out, new_cache = attend(q, k, v, positions, cache, context=self.context, causal=self.causal)
+        out, new_cache = attend(q, k, v, positions, cache, context=self.context, causal=self.causal,
+                                impl=self.attention)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         w, per = select(self.out_proj[...])
         if position_major:  # merge the heads (heads major: sharding-safe) for one matmul per position
