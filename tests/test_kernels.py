@@ -344,3 +344,16 @@ def test_helium_7b_layers_train_and_decode_steps_compile_with_the_kernels():
         train = aot.compile_train_step(cfg, make_task(cfg), "v5p:2x2x1")
         decode = aot.compile_decode_step(cfg, make_task(cfg), "v5p:2x2x1", batch=4)
     assert train.fits and decode.fits
+
+
+def test_config_attention_reaches_the_layers():
+    """`model.transformer.attention` picks the implementation every attention layer uses."""
+    from flax import nnx
+
+    from moshax.config import from_dict
+    from moshax.models.helium import Helium
+
+    cfg = from_dict({"model": {"kind": "helium", "vocab_size": 32, "transformer": {
+        "dim": 32, "num_heads": 2, "num_layers": 1, "hidden_dim": 48, "context": 16, "attention": "pallas"}}}).model
+    model = nnx.eval_shape(lambda: Helium(cfg, rngs=nnx.Rngs(0)))
+    assert model.transformer.layers.self_attn.attention == "pallas"

@@ -50,7 +50,7 @@ class TransformerBlock(nnx.Module):
         self.self_attn = MultiHeadAttention(
             cfg.dim, cfg.num_heads, context=cfg.context if windowed else None, causal=cfg.causal,
             rope=cfg.positional == "rope", max_period=cfg.max_period, init_std=cfg.init_std,
-            num_weights=num_weights, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            num_weights=num_weights, attention=cfg.attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, rngs=rngs)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, gated=cfg.gated, activation=cfg.activation,
                        init_std=cfg.init_std, num_weights=num_weights, dtype=dtype, param_dtype=param_dtype,
