@@ -1,11 +1,15 @@
 """The ``moshax`` command.
 
-    moshax train --config configs/helium_tiny.yaml [--workdir DIR] [key=value ...]
+    moshax train --config configs/helium_tiny.yaml [--workdir DIR] [--allow-config-change] [key=value ...]
+    moshax config show --config CFG [key=value ...]
     moshax tokenizer train --input FILE [FILE ...] --vocab-size N --output PREFIX
-    moshax compile --config CFG --topology v5p:4x4x4 [key=value ...]
-    moshax launch tpu-vm|gke ... [--dry-run]
-    moshax data corpus --output DIR
-    moshax data tokenize --config CFG --output DIR [--split train|eval]
+    moshax compile --config CFG --topology v5p:4x4x4 [--step train|decode] [key=value ...]
+    moshax launch tpu-vm ... [--dry-run] | moshax launch gke ...
+    moshax data corpus|tokenize|synth-multistream|speech ...
+    moshax convert | mimi | eval ...   (commands/)
+
+Commands parse arguments, call the library and print; the model kinds come from
+:mod:`moshax.registry`.
 
 User mistakes (bad config, missing files, a mesh that does not fit) end in one line on stderr and
 exit code 2; no stack trace.
