@@ -168,6 +168,28 @@ def step(model, state: MoshiState, user_codes, sampling: Sampling = Sampling()) 
 # ---------------------------------------------------------------------------------------------
 
 
+_JITS: dict = {}
+
+
+def _cached_jit(bound, name, sampling, make, donate):
+    """``bound.jit(make(sampling))``, shared by every stream of the same model structure and
+    sampling settings (new streams of one model do not recompile)."""
+    try:
+        key = (name, bound._graphdef, bound._treedef, sampling)
+        hash(key)
+    except TypeError:
+        return bound.jit(make(sampling), donate_argnums=donate)
+    jitted = _JITS.get(key)
+    if jitted is None:
+        graphdef, treedef = bound._graphdef, bound._treedef
+        fn = make(sampling)
+        jitted = _JITS[key] = jax.jit(
+            lambda leaves, *a: fn(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), *a),
+            donate_argnums=tuple(i + 1 for i in donate))
+    leaves = bound._leaves
+    return lambda *a: jitted(leaves, *a)
+
+
 class MoshiStream:
     """LMGen-like driver of :func:`step` for ``batch`` slots: weights bound once (the temporal
     transformer in the unstacked inference layout), the step jitted once with the state donated.
@@ -185,8 +207,8 @@ class MoshiStream:
         bound = BoundModel(model)
         self.model = bound.model
         self.cfg = model.cfg
-        sampling_ = self.sampling
-        self._step = bound.jit(lambda m, s, c: step(m, s, c, sampling_), donate_argnums=(0,))
+        self._step = _cached_jit(bound, "step", self.sampling,
+                                 lambda sampling: lambda m, s, c: step(m, s, c, sampling), (0,))
         self._reset = jax.jit(reset, donate_argnums=(0,))
         self.state = init_state(self.model, self.batch, capacity=capacity, keys=self._initial_keys())
 
@@ -266,8 +288,8 @@ class DuplexLoop:
         self.lm, self.mimi = bound.model.lm, bound.model.mimi
         self.frame_size = mimi.frame_size
         self.sample_rate = mimi.cfg.sample_rate
-        s = self.sampling
-        self._step = bound.jit(lambda p, a, b, x: duplex_step(p.lm, p.mimi, a, b, x, s), donate_argnums=(0, 1))
+        self._step = _cached_jit(bound, "duplex", self.sampling,
+                                 lambda s: lambda p, a, b, x: duplex_step(p.lm, p.mimi, a, b, x, s), (0, 1))
         self._reset = bound.jit(lambda p, a, b, m, k: (reset(a, m, k), reset_mimi(p.mimi, b, m)),
                                 donate_argnums=(0, 1))
         self.lm_state = init_state(self.lm, self.batch, seed, capacity)
