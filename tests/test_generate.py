@@ -124,3 +124,116 @@ def test_sampler():
     np.testing.assert_allclose(top2, [0, 0, 3 / 7, 4 / 7, 0], atol=0.03)
     # same keys -> same tokens
     np.testing.assert_array_equal(np.asarray(sample(logits, keys, 0.8, 3)), np.asarray(sample(logits, keys, 0.8, 3)))
+
+
+# ----------------------------------------------------------------------------- moshax generate
+
+
+def _save(model, root, kind):
+    from flax import nnx
+
+    from moshax.checkpoint.model import save_model_checkpoint
+    from moshax.config import to_dict
+
+    _, p, r = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(p))
+    rest = jax.tree.map(np.asarray, nnx.to_pure_dict(r))
+    return save_model_checkpoint(root, params, rest, config=to_dict(model.cfg), kind=kind)
+
+
+def _tiny_mimi(bins=64, n_q=8):
+    from flax import nnx
+
+    from test_mimi_cli import tiny_cfg, tone
+
+    from helpers import draw_codebooks
+    from moshax.models.mimi.config import QuantizerConfig
+    from moshax.models.mimi.model import Mimi
+
+    cfg = dataclasses.replace(tiny_cfg(), quantizer=QuantizerConfig(dimension=16, bins=bins, n_q=n_q, num_codebooks=n_q))
+    model = Mimi(cfg, rngs=nnx.Rngs(0))
+    return draw_codebooks(model, tone(1.6)[None], np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    from flax import nnx
+
+    from helpers import tiny_lm_config
+    from moshax.models.helium import Helium
+
+    root = tmp_path_factory.mktemp("generate")
+    lm = _small_model(seed=1)
+    helium_cfg = tiny_lm_config().model
+    return {"root": root, "lm": _save(lm, root / "lm", "moshi"), "mimi": _save(_tiny_mimi(), root / "mimi", "mimi"),
+            "mimi_bad": _save(_tiny_mimi(bins=32), root / "mimi_bad", "mimi"),
+            "helium": _save(Helium(helium_cfg, rngs=nnx.Rngs(0)), root / "helium", "helium"), "lm_cfg": lm.cfg}
+
+
+def test_generate_cli_moshi(ckpts, tmp_path, capsys):
+    from data_pipeline.audio import read_audio, write_wav
+    from test_mimi_cli import tone
+
+    from moshax.cli import main
+
+    src = tmp_path / "user.wav"
+    write_wav(src, tone(0.9, sr=16000), 16000)  # 21600 samples at 24 kHz: 11.25 frames
+    out, text, toks = tmp_path / "moshi.wav", tmp_path / "moshi.txt", tmp_path / "tokens.npy"
+    args = ["generate", "--checkpoint", str(ckpts["lm"]), "--mimi-checkpoint", str(ckpts["mimi"]), "--input", str(src),
+            "--output", str(out), "--text-output", str(text), "--tokens-output", str(toks), "--seed", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "p50" in printed and "p99" in printed and "real-time factor" in printed
+    n = read_audio(src, 24000).shape[-1]
+    assert read_audio(out, 24000).shape[-1] == n
+    tokens = np.load(toks)
+    cfg = ckpts["lm_cfg"]
+    assert tokens.dtype == np.int32 and tokens.shape == (1 + cfg.dep_q, -(-n // 1920))
+    assert (tokens >= 0).all() and (tokens[1:] < cfg.card).all() and (tokens[0] < cfg.text_card).all()
+    assert text.read_text().split() == [str(v) for v in tokens[0]]
+    # reproducible with the seed; batch of 2: sample 0 is the same as alone
+    toks2 = tmp_path / "tokens2.npy"
+    assert main(args[:-6] + ["--tokens-output", str(toks2), "--seed", "3", "--batch-size", "2"]) == 0
+    np.testing.assert_array_equal(np.load(toks2), tokens)
+    assert (tmp_path / "tokens2-1.npy").is_file() and (tmp_path / "moshi-1.wav").is_file()
+
+
+def test_generate_cli_errors(ckpts, tmp_path, capsys):
+    from data_pipeline.audio import write_wav
+
+    from moshax.cli import main
+
+    src = tmp_path / "user.wav"
+    write_wav(src, np.zeros(4000, np.float32), 24000)
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, np.zeros(0, np.float32), 24000)
+    base = ["generate", "--output", str(tmp_path / "o.wav")]
+    cases = {
+        "holds a mimi model": ["--checkpoint", str(ckpts["mimi"]), "--mimi-checkpoint", str(ckpts["mimi"]),
+                               "--input", str(src)],
+        "not a Mimi": ["--checkpoint", str(ckpts["lm"]), "--mimi-checkpoint", str(ckpts["lm"]), "--input", str(src)],
+        "entries but the LM's card": ["--checkpoint", str(ckpts["lm"]), "--mimi-checkpoint", str(ckpts["mimi_bad"]),
+                                      "--input", str(src)],
+        "no audio samples": ["--checkpoint", str(ckpts["lm"]), "--mimi-checkpoint", str(ckpts["mimi"]),
+                             "--input", str(empty)],
+    }
+    for needle, extra in cases.items():
+        assert main(base + extra) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moshax: error:") and len(err.splitlines()) == 1 and needle in err, (needle, err)
+
+
+def test_generate_cli_helium(ckpts, tmp_path, capsys):
+    from moshax.checkpoint.model import build_model_from_checkpoint, open_checkpoint
+    from moshax.cli import main
+    from moshax.inference.helium_sample import greedy_reference
+
+    toks = tmp_path / "h.npy"
+    assert main(["generate", "--checkpoint", str(ckpts["helium"]), "--prompt-ids", "1,5,9", "--max-tokens", "20",
+                 "--text-temperature", "0", "--tokens-output", str(toks)]) == 0
+    assert "per-token latency" in capsys.readouterr().out
+    model, _ = build_model_from_checkpoint(open_checkpoint(ckpts["helium"]))
+    # greedy with the KV cache (context 16: the window slides) == re-running the whole sequence
+    np.testing.assert_array_equal(np.load(toks), greedy_reference(model, [1, 5, 9], 20))
+    assert main(["generate", "--checkpoint", str(ckpts["helium"]), "--prompt", "hi"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
