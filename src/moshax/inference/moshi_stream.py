@@ -122,6 +122,68 @@ def depth_sample(model, transformer_out, text_token, keys, sampling: Sampling):
     return toks.T
 
 
+def _static_in_index(cfg, s: int) -> int:
+    if not cfg.depformer_multi_linear:
+        return 0
+    sched = cfg.depformer_weights_per_step_schedule
+    return s if sched is None else int(sched[s])
+
+
+def unroll_depformer(model) -> None:
+    """Inference layout of the depth transformer (in place, eagerly): one plain
+    :class:`~moshax.layers.transformer.TransformerBlock` per (depth step, layer) holding that
+    step's own contiguous weights, in ``model.depformer_steps``; the stacked ``[layers,
+    depth_steps, ...]`` weights are dropped. A scanned step would copy every layer's weights
+    (all steps') before each matmul: 8x the depth transformer's size per frame."""
+    from moshax.layers.transformer import TransformerBlock
+
+    dep = model.depformer
+    if getattr(model, "depformer_steps", None) is not None:
+        return
+    cfg = dep.cfg
+    abstract = nnx.eval_shape(lambda: TransformerBlock(cfg, num_weights=None, windowed=False, dtype=dep.dtype,
+                                                       rngs=nnx.Rngs(0)))
+    shapes = nnx.to_pure_dict(nnx.state(abstract))
+    stacked = nnx.to_pure_dict(nnx.state(dep.layers))
+    steps = []
+    for s in range(dep.depth_steps):
+        w = 0 if dep.num_weights == 1 else (s if dep.schedule is None else dep.schedule[s])
+        layers = []
+        for layer in range(cfg.num_layers):
+            sliced = jax.tree.map(lambda a, ab: jnp.array(a[layer, w] if a.ndim == len(ab.shape) + 2 else a[layer]),
+                                  stacked, shapes)
+            graphdef, st = nnx.split(abstract)
+            nnx.replace_by_pure_dict(st, sliced)
+            layers.append(nnx.merge(graphdef, st))
+        steps.append(nnx.List(layers))
+    model.depformer_steps = nnx.List(steps)
+    dep.layers = None
+
+
+def depth_sample_unrolled(model, transformer_out, text_token, keys, sampling: Sampling):
+    """:func:`depth_sample` over :func:`unroll_depformer`'s per-step blocks (a Python loop over
+    the static depth steps: no weight copies)."""
+    from moshax.models.moshi_lm import _embed
+
+    cfg, dt = model.cfg, model.dtype
+    d = cfg.depformer
+    b = transformer_out.shape[0]
+    caches = [KVCache.empty(b, cfg.dep_q, d.num_heads, d.head_dim, model.depformer.dtype) for _ in range(d.num_layers)]
+    prev, toks = text_token, []
+    for s in range(cfg.dep_q):
+        w_in = model.depformer_in[...][_static_in_index(cfg, s)]
+        x = jnp.einsum("bd,de->be", transformer_out.astype(dt), w_in.astype(dt))
+        table = model.depformer_text_emb[...] if s == 0 else model.depformer_emb[...][s - 1]
+        x = (x + _embed(table, prev).astype(dt))[:, None]
+        positions = jnp.full((b, 1), s, jnp.int32)
+        for layer, block in enumerate(model.depformer_steps[s]):
+            x, caches[layer] = block(x, positions, caches[layer])
+        logits = jnp.einsum("bd,dv->bv", x[:, 0].astype(dt), model.linears[...][s].astype(dt)).astype(jnp.float32)
+        prev = sample(logits, keys[s], sampling.temperature, sampling.top_k)
+        toks.append(prev)
+    return jnp.stack(toks, axis=1)
+
+
 def step(model, state: MoshiState, user_codes, sampling: Sampling = Sampling()) -> tuple[MoshiState, StepOutput]:
     """One 80 ms frame for every slot. ``user_codes`` [B, >= n_q - dep_q, 1] int (the user's
     Mimi codes, semantic first; extra codebooks are ignored). Pure: jit it, donating ``state``."""
@@ -150,7 +212,8 @@ def step(model, state: MoshiState, user_codes, sampling: Sampling = Sampling()) 
 
     keys = jax.vmap(lambda k: jax.random.split(k, 2 + dep_q))(jax.random.wrap_key_data(state.key))  # [B, 2 + dep_q]
     text = sample(text_logits[:, 0], keys[:, 1], sampling.text_temperature, sampling.text_top_k)
-    audio = depth_sample(model, out[:, 0], text, keys[:, 2:].T, sampling)
+    depth = depth_sample_unrolled if getattr(model, "depformer_steps", None) is not None else depth_sample
+    audio = depth(model, out[:, 0], text, keys[:, 2:].T, sampling)
 
     t1 = t + 1
     gen = jnp.concatenate([text[:, None], audio], axis=1)  # [B, 1 + dep_q]
@@ -166,6 +229,13 @@ def step(model, state: MoshiState, user_codes, sampling: Sampling = Sampling()) 
 # ---------------------------------------------------------------------------------------------
 # Python API
 # ---------------------------------------------------------------------------------------------
+
+
+def _streaming_copy(model):
+    """A shallow copy of ``model`` (same arrays) with the depth transformer unrolled."""
+    copy = nnx.merge(*nnx.split(model))
+    unroll_depformer(copy)
+    return copy
 
 
 _JITS: dict = {}
@@ -204,7 +274,7 @@ class MoshiStream:
         self.seed = int(seed)
         self.capacity = capacity
         self._seeds = None if seeds is None else [int(s) for s in seeds]
-        bound = BoundModel(model)
+        bound = BoundModel(_streaming_copy(model))
         self.model = bound.model
         self.cfg = model.cfg
         self._step = _cached_jit(bound, "step", self.sampling,
@@ -284,7 +354,7 @@ class DuplexLoop:
         self.sampling = (sampling or Sampling()).validate()
         self.batch = int(batch)
         self.seed = int(seed)
-        bound = BoundModel(_Pair(lm, mimi))
+        bound = BoundModel(_Pair(_streaming_copy(lm), mimi))
         self.lm, self.mimi = bound.model.lm, bound.model.mimi
         self.frame_size = mimi.frame_size
         self.sample_rate = mimi.cfg.sample_rate
