@@ -223,6 +223,7 @@ def test_generate_cli_errors(ckpts, tmp_path, capsys):
         assert err.startswith("moshax: error:") and len(err.splitlines()) == 1 and needle in err, (needle, err)
 
 
+@pytest.mark.slow
 def test_generate_cli_helium(ckpts, tmp_path, capsys):
     from moshax.checkpoint.model import build_model_from_checkpoint, open_checkpoint
     from moshax.cli import main
