@@ -245,7 +245,7 @@ def test_generate_cli_helium(ckpts, tmp_path, capsys):
                                                ("configs/mimi_full.yaml", ["task.teacher.dim=1024"], (0.05, 2.0))])
 def test_decode_step_compiles_for_v5e(config, extra, gib, tmp_path):
     """`moshax compile --step decode` builds the registry's streaming step for a TPU topology
-    (moshi_7b: 7.0 GiB per chip at batch 1, mostly the fsdp-sharded weights and the 3000-step KV ring)."""
+    (moshi_7b: 9.2 GiB per chip at batch 1: fsdp-sharded bf16 weights, the 3000-step KV ring, temporaries)."""
     pytest.importorskip("libtpu", reason="TPU compile checks need the tpu extra (libtpu)")
     import json
     import subprocess
