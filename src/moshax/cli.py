@@ -25,7 +25,8 @@ from pathlib import Path
 
 
 # Modules exposing ``add_parser(subparsers)``; each sets ``fn`` on its parsers.
-COMMAND_MODULES = ("moshax.commands.convert", "moshax.commands.mimi", "moshax.commands.evaluate")
+COMMAND_MODULES = ("moshax.commands.convert", "moshax.commands.mimi", "moshax.commands.evaluate",
+                   "moshax.commands.generate")
 
 
 class UserError(Exception):

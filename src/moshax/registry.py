@@ -71,6 +71,7 @@ KINDS: dict[str, ModelKind] = {
             model="moshax.models.moshi_lm:MoshiLM",
             task="moshax.training.moshi_task:MoshiTask",
             kyutai="moshax.interop.lm_weights",
+            decode_step="moshax.training.aot:moshi_decode_step",
             aliases=("lm",),
         ),
         ModelKind(
@@ -82,6 +83,7 @@ KINDS: dict[str, ModelKind] = {
             model="moshax.models.mimi.model:Mimi",
             task="moshax.training.mimi_task:MimiTask",
             kyutai="moshax.interop.mimi_weights",
+            decode_step="moshax.training.aot:mimi_decode_step",
         ),
     )
 }

@@ -51,6 +51,13 @@ def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, ca
     returns (out [B, T, H, D], the cache with this chunk written, or None)."""
     if cache is None:
         return attention(q, k, v, positions, positions, context=context, causal=causal, impl=impl), None
+    if k.shape[1] == 1 and causal and context is not None and cache.k.shape[1] >= context:
+        # One decode step: write first, then attend over the ring alone (as Kyutai's RingKVCache).
+        # The slot it overwrites held position p - capacity, outside the window; this avoids
+        # copying the whole cache into a concatenation every step.
+        cache = cache.write(k, v, positions)
+        return attention(q, cache.k.astype(k.dtype), cache.v.astype(v.dtype), positions, cache.pos,
+                         context=context, causal=causal, impl=impl), cache
     keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
     k_pos = jnp.concatenate([cache.pos, positions], axis=1)

@@ -242,3 +242,104 @@ def helium_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> Comp
         mesh=dict(mesh.shape), argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias,
         hbm_bytes=hbm_per_chip(topology), flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
         collectives=count_collectives(compiled.as_text()), largest=_largest_arrays({"params": params, "cache": cache}))
+
+
+def _abstract_state(mesh, state_shape, batch: int):
+    """ShapeDtypeStructs for a streaming state: KV caches sharded as Helium's (batch, heads),
+    every other leaf split over the batch when it leads with it, else replicated."""
+    from moshax.layers.attention import KVCache
+    from moshax.parallel.sharding import named_sharding
+
+    def leaf(s, axes):
+        return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=named_sharding(mesh, axes, s.shape))
+
+    def one(x):
+        if isinstance(x, KVCache):
+            lead = ("layers",) if x.k.ndim == 5 else ()
+            kv = lead + ("act_batch", None, "act_heads", None)
+            return KVCache(leaf(x.k, kv), leaf(x.v, kv), leaf(x.pos, lead + ("act_batch", None)))
+        batch_major = x.ndim >= 1 and x.shape[0] == batch
+        return leaf(x, (("act_batch",) if batch_major else (None,)) + (None,) * (x.ndim - 1) if x.ndim else ())
+
+    return jax.tree.map(one, state_shape, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def _compile_stream_step(cfg: Config, topology: str, batch: int, name: str, make_inputs, step_fn,
+                         donate=(2,)) -> CompileReport:
+    """Shared by the Moshi and Mimi decode steps: params (compute dtype) + rest sharded by the
+    rules table, ``make_inputs(model_abs, mesh) -> (state, inputs...)``, ``step_fn(model, ...)``."""
+    from flax import nnx
+
+    from moshax import registry
+    from moshax.parallel.mesh import build_mesh
+    from moshax.parallel.partition import ModelHandle, replicated
+
+    devices = topology_devices(topology)
+    mesh = build_mesh(cfg.mesh, devices)
+    build = lambda rngs: registry.build_model(cfg.model, rngs)  # noqa: E731 - the model alone (no discriminator)
+    handle = ModelHandle.from_constructor(build)
+    model_abs = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    dtype = jnp.dtype(cfg.model.dtype)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), handle.shapes(),
+                          handle.shardings(mesh))
+    rest = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated(mesh)),
+                        nnx.to_pure_dict(handle.abstract_rest))
+    args = make_inputs(model_abs, mesh)
+
+    def step(params, rest, *a):
+        return step_fn(handle.merge(params, rest), *a)
+
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step, donate_argnums=donate).lower(params, rest, *args).compile()
+    a_bytes, out, temp, alias = _memory(compiled)
+    return CompileReport(
+        name=f"{cfg.name} {name} (batch {batch})", topology=topology, num_devices=len(devices),
+        mesh=dict(mesh.shape), argument_bytes=a_bytes, output_bytes=out, temp_bytes=temp, alias_bytes=alias,
+        hbm_bytes=hbm_per_chip(topology), flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
+        collectives=count_collectives(compiled.as_text()),
+        largest=_largest_arrays({"params": params, "state": args[0]}))
+
+
+def moshi_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+    """Compile one streaming Moshi frame (:func:`moshax.inference.moshi_stream.step`: temporal
+    step against the full KV ring of ``context`` steps, text sampling, the ``dep_q`` depth steps
+    with top-k sampling) for ``topology``, the state donated."""
+    from moshax.inference.moshi_stream import init_state, step
+    from moshax.inference.sampling import Sampling
+    from moshax.parallel.sharding import named_sharding
+
+    n_user = cfg.model.num_streams - 1 - cfg.model.dep_q
+
+    def inputs(model_abs, mesh):
+        state = _abstract_state(mesh, jax.eval_shape(lambda: init_state(model_abs, batch)), batch)
+        codes = jax.ShapeDtypeStruct((batch, n_user, 1), jnp.int32,
+                                     sharding=named_sharding(mesh, ("act_batch", None, None), (batch, n_user, 1)))
+        return state, codes
+
+    return _compile_stream_step(cfg, topology, batch, "decode step (LM frame: temporal + depth + sampling)", inputs,
+                                lambda m, s, c: step(m, s, c, Sampling()))
+
+
+def mimi_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+    """Compile one streaming Mimi frame: encode 80 ms of audio to codes and decode codes back to
+    80 ms (the codec's share of a full-duplex step), the state donated."""
+    from moshax.parallel.sharding import named_sharding
+
+    fs = cfg.model.frame_size
+    k = cfg.model.quantizer.num_codebooks
+
+    def inputs(model_abs, mesh):
+        state = _abstract_state(mesh, jax.eval_shape(lambda: model_abs.init_state(batch)), batch)
+        pcm = jax.ShapeDtypeStruct((batch, 1, fs), jnp.float32, sharding=named_sharding(mesh, ("act_batch", None, None),
+                                                                                         (batch, 1, fs)))
+        codes = jax.ShapeDtypeStruct((batch, k, 1), jnp.int32, sharding=named_sharding(mesh, ("act_batch", None, None),
+                                                                                        (batch, k, 1)))
+        return state, pcm, codes
+
+    def run(m, state, pcm, codes):
+        enc, state = m.encode_step(pcm, state, k)
+        audio, state = m.decode_step(codes, state)
+        return enc, audio, state
+
+    return _compile_stream_step(cfg, topology, batch, "decode step (codec frame: encode + decode)", inputs, run)
