@@ -170,6 +170,7 @@ def ckpts(tmp_path_factory):
             "helium": _save(Helium(helium_cfg, rngs=nnx.Rngs(0)), root / "helium", "helium"), "lm_cfg": lm.cfg}
 
 
+@pytest.mark.slow  # ~2 min with its checkpoints on 2 cores: CI's slow suite runs it
 def test_generate_cli_moshi(ckpts, tmp_path, capsys):
     from data_pipeline.audio import read_audio, write_wav
     from test_mimi_cli import tone
@@ -198,6 +199,7 @@ def test_generate_cli_moshi(ckpts, tmp_path, capsys):
     assert (tmp_path / "tokens2-1.npy").is_file() and (tmp_path / "moshi-1.wav").is_file()
 
 
+@pytest.mark.slow
 def test_generate_cli_errors(ckpts, tmp_path, capsys):
     from data_pipeline.audio import write_wav
 
