@@ -1,5 +1,5 @@
 """Full-size memory-fit checks: the real train steps of the 7B models and of the released Mimi,
-compiled for TPU topologies on this CPU through libtpu (``moshax.parallel.aot.compile_train_step``,
+compiled for TPU topologies on this CPU through libtpu (``moshax.training.aot.compile_train_step``,
 the library entry behind ``moshax compile``). Slow: minutes per compile on 2 cores.
 
 Each bound is the per-chip total measured when the test was written (docs/scale.md) plus ~15%:
@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow
 WORKER = r"""
 import json, sys
 from moshax.config import load_config
-from moshax.parallel import aot
-from moshax.training.tasks import make_task
+from moshax.training import aot
+from moshax.training.task import make_task
 
 config, topology, out = sys.argv[1:4]
 cfg = load_config(config, sys.argv[4:])
