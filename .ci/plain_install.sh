@@ -62,7 +62,7 @@ for i in range(4):
         w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
 EOF
 "$M" train --config "$ROOT/configs/mimi_tiny.yaml" --workdir runs/mimi \
-  "model.train.train_sources=[$WORK/audio]" "model.train.eval_sources=[]" \
+  "data.train_sources=[$WORK/audio]" "data.eval_sources=[]" \
   train.steps=2 train.batch_size=2 train.log_every=1 checkpoint.every=2 train.progress=false
 step "mimi_tiny trained"
 "$M" mimi encode --checkpoint runs/mimi --input audio/clip0.wav --output codes/clip0.npy
