@@ -97,7 +97,7 @@ def test_lm_from_and_to_kyutai(devices, tmp_path, capsys):
     for k, v in released.items():
         assert again[k].dtype == ml_dtypes.bfloat16 and np.array_equal(again[k], v), k
 
-    # model.init_from a converted Moshi LM copies every param, onto the target shardings
+    # task.init_from a converted Moshi LM copies every param, onto the target shardings
     from moshax.config import MeshConfig
     from moshax.models.moshi_lm import MoshiLM
     from moshax.parallel.mesh import build_mesh

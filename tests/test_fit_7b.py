@@ -70,7 +70,7 @@ FITS = [
     # Known not to fit today: XLA asks for 25.3 GiB of temporaries per chip (RESOURCE_EXHAUSTED in
     # ~40 s), also at the commit that recorded 6.0 GiB in docs/scale.md; strict, so the day it fits
     # this xpasses and fails, and the bound gets set from the new figure.
-    pytest.param("configs/mimi_full.yaml", ["model.train.teacher.dim=1024"], "v5e:2x2",
+    pytest.param("configs/mimi_full.yaml", ["task.teacher.dim=1024"], "v5e:2x2",
                  {"data": 1, "fsdp": 4, "tensor": 1}, 6.9, 6.0,
                  marks=pytest.mark.xfail(strict=True, reason="mimi_full (64 x 2 s crops) needs 25.3 GiB of HLO "
                                          "temporaries per chip on v5e:2x2 (16 GiB): docs/scale.md's 6.0 GiB does not "
