@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from requirements import require_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -227,7 +228,7 @@ def test_layer_decodes_through_the_pallas_kernel_with_a_wrapped_cache():
 
 
 def _tpu_mesh(topology, names=("x",)):
-    pytest.importorskip("libtpu", reason="TPU compile checks need the tpu extra (libtpu)")
+    require_module("libtpu", "TPU compile checks need the tpu extra (libtpu)")
     from jax.sharding import Mesh
 
     from moshax.training.aot import topology_devices
@@ -331,7 +332,7 @@ def test_helium_7b_layers_train_and_decode_steps_compile_with_the_kernels():
     """The real train and decode steps (Helium 7B widths, 2 layers, v5p:2x2x1, FSDP over 4 chips):
     under ``compiling_for_tpu`` the ``auto`` attention is the Pallas kernels (scan, remat,
     custom_vjp, shard_map over the mesh) and both steps compile and fit."""
-    pytest.importorskip("libtpu", reason="TPU compile checks need the tpu extra (libtpu)")
+    require_module("libtpu", "TPU compile checks need the tpu extra (libtpu)")
     from moshax.config import load_config
     from moshax.training import aot
     from moshax.training.task import make_task
@@ -342,7 +343,7 @@ def test_helium_7b_layers_train_and_decode_steps_compile_with_the_kernels():
                                                  "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"])
     with compiling_for_tpu():
         train = aot.compile_train_step(cfg, make_task(cfg), "v5p:2x2x1")
-        decode = aot.compile_decode_step(cfg, make_task(cfg), "v5p:2x2x1", batch=4)
+        decode = aot.compile_decode_step(cfg, "v5p:2x2x1", batch=4)
     assert train.fits and decode.fits
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from requirements import require_module
 
 from moshax.cli import main
 
@@ -175,7 +176,7 @@ def test_corrupt_checkpoints_outside_training_are_one_line(tmp_path, capsys):
 
 def test_compile_says_what_it_is_doing(capsys):
     """`moshax compile` prints its phases with elapsed times instead of minutes of silence."""
-    pytest.importorskip("libtpu")
+    require_module("libtpu", "TPU compile checks need the tpu extra (libtpu)")
     assert main(["compile", "--config", str(ROOT / "configs/helium_tiny.yaml"), "--topology", "v5e:2x2",
                  "model.transformer.num_layers=1"]) == 0
     out = capsys.readouterr().out

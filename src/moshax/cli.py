@@ -111,7 +111,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     log = lambda line: print(line, flush=True)  # noqa: E731 - phases: minutes of work on a 7B config
     if args.step == "decode":
-        report = aot.compile_decode_step(cfg, make_task(cfg), args.topology, batch=args.batch, log=log)
+        report = aot.compile_decode_step(cfg, args.topology, batch=args.batch, log=log)  # no training task needed
     else:
         report = aot.compile_train_step(cfg, make_task(cfg), args.topology, log=log)
     print(report.format())

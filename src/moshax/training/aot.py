@@ -189,7 +189,7 @@ def compile_train_step(cfg: Config, task, topology: str, log=None) -> CompileRep
         model_flops=task.flops_per_example() * cfg.train.batch_size / len(devices))
 
 
-def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1, log=None) -> CompileReport:
+def compile_decode_step(cfg: Config, topology: str, batch: int = 1, log=None) -> CompileReport:
     """Compile the model kind's streaming step (:mod:`moshax.registry`, ``decode_step``) for
     ``topology``; a kind without one is a one-line error."""
     from moshax import registry
@@ -200,10 +200,10 @@ def compile_decode_step(cfg: Config, task, topology: str, batch: int = 1, log=No
     say = _phases(log)
     if say:
         say(f"lowering and compiling the {cfg.model.kind} decode step (batch {batch}) on {topology}")
-    return kind.load("decode_step")(cfg, task, topology, batch)
+    return kind.load("decode_step")(cfg, topology, batch)
 
 
-def helium_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+def helium_decode_step(cfg: Config, topology: str, batch: int = 1) -> CompileReport:
     """Compile one Helium decode step (one new token per sequence against a full KV ring cache)
     for ``topology``; params are held in the compute dtype, as a server would."""
     from flax import nnx
@@ -215,8 +215,10 @@ def helium_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> Comp
 
     devices = topology_devices(topology)
     mesh = build_mesh(cfg.mesh, devices)
-    handle = ModelHandle.from_constructor(task.build_model)
-    model_abs = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    from moshax import registry
+
+    handle = ModelHandle.from_constructor(lambda rngs: registry.build_model(cfg.model, rngs))
+    model_abs = nnx.eval_shape(lambda: registry.build_model(cfg.model, nnx.Rngs(0)))
     dtype = jnp.dtype(cfg.model.dtype)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), handle.shapes(),
                           handle.shardings(mesh))
@@ -301,7 +303,7 @@ def _compile_stream_step(cfg: Config, topology: str, batch: int, name: str, make
         largest=_largest_arrays({"params": params, "state": args[0]}))
 
 
-def moshi_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+def moshi_decode_step(cfg: Config, topology: str, batch: int = 1) -> CompileReport:
     """Compile one streaming Moshi frame (:func:`moshax.inference.moshi_stream.step`: temporal
     step against the full KV ring of ``context`` steps, text sampling, the ``dep_q`` depth steps
     with top-k sampling) for ``topology``, the state donated."""
@@ -321,7 +323,7 @@ def moshi_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> Compi
                                 lambda m, s, c: step(m, s, c, Sampling()))
 
 
-def mimi_decode_step(cfg: Config, task, topology: str, batch: int = 1) -> CompileReport:
+def mimi_decode_step(cfg: Config, topology: str, batch: int = 1) -> CompileReport:
     """Compile one streaming Mimi frame: encode 80 ms of audio to codes and decode codes back to
     80 ms (the codec's share of a full-duplex step), the state donated."""
     from moshax.parallel.sharding import named_sharding
