@@ -62,6 +62,18 @@ SLOW_RUN: dict[str, list[str] | None] = {
 }
 
 SKIP: dict[str, str] = {
+    "moshax compile --config configs/mimi_full.yaml --topology v5e:2x2 --step decode":
+        "TPU AOT compile: slow (tests/test_generate.py::test_decode_step_compiles_for_v5e)",
+    "moshax compile --config configs/moshi_7b.yaml --topology v5e:2x2 --step decode [--batch B]":
+        "TPU AOT compile of 7B: slow (tests/test_generate.py::test_decode_step_compiles_for_v5e)",
+    'moshax generate --checkpoint HELIUM_CKPT --prompt "Once upon" --tokenizer tok.model [--max-tokens 64]':
+        "placeholders; tests/test_generate.py::test_generate_cli_helium runs it on a tiny checkpoint",
+    "moshax generate --checkpoint HELIUM_CKPT --prompt-ids 1,52,7 [--text-temperature 0]":
+        "placeholders; tests/test_generate.py::test_generate_cli_helium runs it on a tiny checkpoint",
+    "moshax generate --checkpoint LM_CKPT --mimi-checkpoint MIMI_CKPT --input user.wav --output moshi.wav "
+    "[--text-output moshi.txt] [--tokens-output tokens.npy] [--tokenizer tok.model] [--temperature 0.8] "
+    "[--top-k 250] [--text-temperature 0.7] [--text-top-k 25] [--seed 0] [--batch-size 1]":
+        "placeholders; tests/test_generate.py::test_generate_cli_moshi runs it on tiny checkpoints",
     "moshax data speech --output DIR": "eSpeak NG synthesis: docs/mimi.md's concrete command is the one listed",
     "moshax data speech --output data/speech": "eSpeak NG corpus + Mimi GAN training take minutes: "
                                                "tests/test_audio_data.py and tests/test_mimi_training.py",
