@@ -238,7 +238,7 @@ def _save_random(kind, cfg, directory):
     return params, rest
 
 
-@pytest.mark.parametrize("kind", ["mimi", "moshi"])
+@pytest.mark.parametrize("kind", [pytest.param("mimi", marks=pytest.mark.slow), "moshi"])
 def test_non_release_model_round_trips_without_kyutai_config(kind, tmp_path, capsys):
     """to-kyutai writes back.json beside back.safetensors; from-kyutai reads it without
     --kyutai-config: the same config and bitwise-equal tensors, for an architecture that is not

@@ -255,6 +255,7 @@ def _run(commands: dict, capsys) -> None:
                          "data/tokenizer/spm.model"]) == 0
 
 
+@pytest.mark.slow  # ~40-90 s on 2 cores; `make test` stays under 15 min, CI's slow suite runs it
 def test_doc_commands_run(tmp_path, monkeypatch, capsys):
     _prepare(tmp_path)
     monkeypatch.chdir(tmp_path)
