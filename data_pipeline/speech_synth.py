@@ -24,6 +24,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline.audio import read_audio, write_wav
 from data_pipeline.corpus import generate_documents
 from data_pipeline.errors import DataError
@@ -70,9 +72,9 @@ def utterance_plan(num: int, *, seed: int = 0, stream: str = "train", min_words:
     return plan
 
 
-def synthesize(text: str, path: str | Path, *, voice: str = "en-us", speed: int = 175, pitch: int = 50,
-               sample_rate: int = 24000) -> float:
-    """Speak ``text`` into a mono 16-bit wav at ``sample_rate``; returns its duration (seconds)."""
+def speak(text: str, *, voice: str = "en-us", speed: int = 175, pitch: int = 50,
+          sample_rate: int = 24000) -> "np.ndarray":
+    """``text`` spoken by eSpeak NG as a float32 mono array ``[1, samples]`` at ``sample_rate``."""
     exe = espeak_binary()
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.wav")
@@ -80,7 +82,13 @@ def synthesize(text: str, path: str | Path, *, voice: str = "en-us", speed: int 
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(raw):
             raise DataError(f"espeak-ng failed for voice {voice}: {proc.stderr.strip() or proc.returncode}")
-        audio = read_audio(raw, sample_rate)
+        return read_audio(raw, sample_rate)
+
+
+def synthesize(text: str, path: str | Path, *, voice: str = "en-us", speed: int = 175, pitch: int = 50,
+               sample_rate: int = 24000) -> float:
+    """Speak ``text`` into a mono 16-bit wav at ``sample_rate``; returns its duration (seconds)."""
+    audio = speak(text, voice=voice, speed=speed, pitch=pitch, sample_rate=sample_rate)
     peak = float(abs(audio).max())
     if peak > 0.99:
         audio = audio * (0.99 / peak)

@@ -5,7 +5,7 @@
     moshax tokenizer train --input FILE [FILE ...] --vocab-size N --output PREFIX
     moshax compile --config CFG --topology v5p:4x4x4 [--step train|decode] [key=value ...]
     moshax launch tpu-vm ... [--dry-run] | moshax launch gke ...
-    moshax data corpus|tokenize|synth-multistream|speech ...
+    moshax data corpus|tokenize|synth-multistream|speech|synth-dialogues|... (DATA_COMMANDS)
     moshax convert | mimi | eval ...   (commands/)
 
 Commands parse arguments, call the library and print; the model kinds come from
@@ -169,16 +169,23 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_synth_multistream(args: argparse.Namespace) -> int:
-    from data_pipeline.multistream import synth_command
+# ``moshax data NAME``: (name, help, module, its add-arguments function, its command function).
+# Each module keeps its flags beside its code; importing it must stay light (no JAX).
+DATA_COMMANDS = [
+    ("synth-multistream", "structured synthetic 17-stream Moshi shards (text from a corpus)",
+     "data_pipeline.multistream", "add_synth_arguments", "synth_command"),
+    ("speech", "an eSpeak NG speech corpus (train/eval wavs) for codec training",
+     "data_pipeline.speech_synth", "add_speech_arguments", "speech_command"),
+    ("synth-dialogues", "eSpeak NG two/three-voice dialogues with exact word times and speaker turns",
+     "data_pipeline.dialogue_synth", "add_dialogue_arguments", "dialogue_command"),
+]
 
-    return synth_command(args)
 
+def _run_data_command(module: str, command: str):
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), command)(args)
 
-def cmd_data_speech(args: argparse.Namespace) -> int:
-    from data_pipeline.speech_synth import speech_command
-
-    return speech_command(args)
+    return run
 
 
 def cmd_data_corpus(args: argparse.Namespace) -> int:
@@ -263,16 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records-per-shard", type=int, default=4096)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_data_tokenize)
-    p = data.add_parser("synth-multistream", help="structured synthetic 17-stream Moshi shards (text from a corpus)")
-    from data_pipeline.multistream import add_synth_arguments
-
-    add_synth_arguments(p)
-    p.set_defaults(fn=cmd_data_synth_multistream)
-    p = data.add_parser("speech", help="an eSpeak NG speech corpus (train/eval wavs) for codec training")
-    from data_pipeline.speech_synth import add_speech_arguments
-
-    add_speech_arguments(p)
-    p.set_defaults(fn=cmd_data_speech)
+    for name, help_text, module, add_args, command in DATA_COMMANDS:
+        p = data.add_parser(name, help=help_text)
+        mod = importlib.import_module(module)
+        getattr(mod, add_args)(p)
+        p.set_defaults(fn=_run_data_command(module, command))
 
     cfg = sub.add_parser("config", help="configs").add_subparsers(dest="action", required=True)
     p = cfg.add_parser("show", help="print a config resolved (base: chain, overrides, defaults) as YAML")
