@@ -9,7 +9,7 @@ loop). For each dialogue ``NAME`` under ``OUT``::
     OUT/truth/NAME.rttm      the speaker turns (RTTM)
     OUT/truth/NAME.txt       the main speaker's words as plain text (for forced alignment)
 
-The main speaker is the one with the most talk time. Same arguments, same files.
+The main speaker is the one with the most talk time (sum of word durations). Same arguments, same files.
 ``moshax data synth-dialogues --output data/dialogues --dialogues 8``.
 """
 
@@ -135,9 +135,9 @@ def render_dialogue(plan, *, seed: int, sample_rate: int = 24000, stereo: bool =
         turns.append(Turn(round(turn_start, 3), words[-1].end, speaker_name(speaker)))
         t = words[-1].end + rng.uniform(0.3, 0.8)
     total = int((t + 0.3) * sample_rate)
-    talk = {}
-    for turn in turns:
-        talk[turn.speaker] = talk.get(turn.speaker, 0.0) + turn.end - turn.start
+    talk = {}  # talk time = the sum of the speaker's word durations
+    for w in words:
+        talk[w.speaker] = talk.get(w.speaker, 0.0) + w.end - w.start
     main = max(sorted(talk), key=lambda s: talk[s])
     channels = np.zeros((2 if stereo else 1, total), np.float32)
     for start, audio, speaker, _ in placed:

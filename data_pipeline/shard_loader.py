@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grain
+import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.records import decode_array
@@ -25,6 +26,38 @@ class DecodeRecord:
 
     def __call__(self, record: bytes) -> dict:
         return {self.field: decode_array(record)}
+
+
+class RandomCrop:
+    """Picklable random crop of ``frames`` time steps from ``[..., T]`` records (the last axis);
+    shorter records are padded with ``pad`` (-1: no input, no loss). Grain seeds the generator from
+    the pipeline seed and the element's index, so crops are deterministic and resume exactly."""
+
+    def __init__(self, field: str, frames: int, pad: int = -1):
+        self.field, self.frames, self.pad = field, int(frames), pad
+
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        x = element[self.field]
+        extra = x.shape[-1] - self.frames
+        start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
+        return {**element, self.field: fit_frames(x[..., start:start + self.frames], self.frames, self.pad)}
+
+
+class CropStart:
+    """The first ``frames`` time steps (eval: the same window every pass), padded with ``pad``."""
+
+    def __init__(self, field: str, frames: int, pad: int = -1):
+        self.field, self.frames, self.pad = field, int(frames), pad
+
+    def __call__(self, element: dict) -> dict:
+        return {**element, self.field: fit_frames(element[self.field][..., : self.frames], self.frames, self.pad)}
+
+
+def fit_frames(x: np.ndarray, frames: int, pad: int = -1) -> np.ndarray:
+    if x.shape[-1] >= frames:
+        return x[..., :frames]
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, frames - x.shape[-1])]
+    return np.pad(x, widths, constant_values=pad)
 
 
 class ElasticShardIterator:
@@ -67,14 +100,20 @@ def shard_dataset(shard_dir: str | Path, *, field: str = "tokens") -> grain.MapD
 
 def make_shard_iterator(shard_dir: str | Path, *, split: str, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                        field: str = "tokens") -> ElasticShardIterator:
+                        field: str = "tokens", crop_frames: int | None = None) -> ElasticShardIterator:
     """Batches ``{field: [global_batch_size // process_count, ...]}``; train: shuffled, repeated
-    forever (a new order each epoch); eval: one pass in order."""
+    forever (a new order each epoch); eval: one pass in order. ``crop_frames``: records of other
+    lengths (``moshax data prepare`` writes whole recordings) become windows of that many time
+    steps: a random one per visit in training, the first one in eval; shorter ones padded with -1."""
     if global_batch_size % process_count:
         raise DataError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
     ds = shard_dataset(shard_dir, field=field)
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat()  # a permutation per epoch, reshuffled each epoch
+        if crop_frames:
+            ds = ds.random_map(RandomCrop(field, crop_frames), seed=seed)
+    elif crop_frames:
+        ds = ds.map(CropStart(field, crop_frames))
     mp = None
     if num_workers > 0:
         from data_pipeline.text_loader import _mark_absl_flags_parsed

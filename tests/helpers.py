@@ -1,30 +1,16 @@
 """Small shared builders for the tests."""
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moshax.config import from_dict
 
 
 def draw_codebooks(model, audio, rng: np.random.Generator):
-    """A Mimi's codebooks drawn at the scale of the latents of ``audio`` [B, 1, T] (many
-    distinct codes, as trained codebooks give): each level picks residuals reaching it, plus
-    noise. Marks every level initialized; returns the model."""
-    q = model.cfg.quantizer
-    latent = nnx.jit(lambda m, a: m.encode_latent(a))(model, jnp.asarray(audio))
-    for branch in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
-        residual = np.asarray(branch.project_in(latent)).reshape(-1, q.dimension)
-        sums = []
-        for _ in range(branch.n_levels):
-            emb = residual[rng.integers(0, len(residual), q.bins)]
-            emb = emb + 0.3 * residual.std(0) * rng.standard_normal(emb.shape)
-            sums.append(emb)
-            d = (emb ** 2).sum(-1)[None] - 2 * residual @ emb.T
-            residual = residual - emb[d.argmin(-1)]
-        branch.embedding_sum[...] = jnp.asarray(np.stack(sums), jnp.float32)
-        branch.initialized[...] = jnp.ones_like(branch.initialized[...])
-    return model
+    """A Mimi's codebooks drawn at the scale of the latents of ``audio`` [B, 1, T] (the library's
+    :func:`moshax.models.mimi.random_init.draw_codebooks`)."""
+    from moshax.models.mimi.random_init import draw_codebooks as draw
+
+    return draw(model, audio, rng)
 
 
 def tiny_lm_config(**sections):

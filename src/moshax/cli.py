@@ -178,6 +178,8 @@ DATA_COMMANDS = [
      "data_pipeline.speech_synth", "add_speech_arguments", "speech_command"),
     ("synth-dialogues", "eSpeak NG two/three-voice dialogues with exact word times and speaker turns",
      "data_pipeline.dialogue_synth", "add_dialogue_arguments", "dialogue_command"),
+    ("prepare", "recordings -> VAD, diarization, words, Mimi tokens -> multi-stream shards (resumable)",
+     "moshax.commands.data_prepare", "add_prepare_arguments", "prepare_command"),
 ]
 
 

@@ -52,6 +52,34 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """A random-weight Mimi checkpoint (codebooks drawn from calibration audio): a stand-in codec
+    for data-pipeline dry runs and tests, never for real data."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from moshax.checkpoint.model import save_model_checkpoint
+    from moshax.config import ConfigError, load_config, to_dict
+    from moshax.models.mimi.random_init import random_mimi
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(cfg.model, "kind", "mimi") != "mimi":
+        raise ConfigError(f"{args.config}: model.kind is {cfg.model.kind}, not mimi")
+    calibration = None
+    if args.calibrate:
+        from data_pipeline.audio import read_audio
+
+        calibration = read_audio(args.calibrate, cfg.model.sample_rate)[None]
+    model = random_mimi(cfg.model, seed=args.seed, calibration=calibration)
+    _, p, r = nnx.split(model, nnx.Param, ...)
+    to_np = lambda t: jax.tree.map(np.asarray, nnx.to_pure_dict(t))  # noqa: E731
+    save_model_checkpoint(args.output, to_np(p), to_np(r), config=to_dict(cfg.model), kind="mimi",
+                          source=f"random init (seed {args.seed})")
+    print(f"wrote a random-weight Mimi ({args.config}, seed {args.seed}) to {args.output}")
+    return 0
+
+
 def add_parser(subparsers) -> None:
     mimi = subparsers.add_parser("mimi", help="encode audio to Mimi codes and decode them back")
     sub = mimi.add_subparsers(dest="action", required=True)
@@ -68,3 +96,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input", required=True, help="codes .npy [num_codebooks, frames]")
     p.add_argument("--output", required=True, help="wav file to write")
     p.set_defaults(fn=cmd_decode)
+    p = sub.add_parser("init", help="a random-weight Mimi checkpoint (for pipeline dry runs and tests)")
+    p.add_argument("--config", required=True, help="a model.kind: mimi config, e.g. configs/mimi_tiny.yaml")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrate", help="audio file whose latents the codebooks are drawn from (default: a tone)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_init)

@@ -59,6 +59,31 @@ class CodecRunner:
             out.append(np.asarray(codes[0]))
         return np.concatenate(out, axis=-1)[:, :frames].astype(np.int32)
 
+    def encode_batch(self, audios: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+        """Many mono signals -> their codes, ``batch_size`` at a time: each batch is zero-padded to
+        its longest signal (and to ``batch_size`` rows, so every call has one shape and compiles
+        once); each result is cut to its own ``ceil(T / frame_size)`` frames. Equal to
+        :meth:`encode` of each signal alone (the model is causal: padding at the end changes nothing
+        before it)."""
+        xs = [np.asarray(a, np.float32).reshape(-1) for a in audios]
+        out: list[np.ndarray] = []
+        n = self.chunk_frames * self.frame_size
+        for b0 in range(0, len(xs), batch_size):
+            group = xs[b0:b0 + batch_size]
+            frames = [self.frames_for(x.shape[0]) for x in group]
+            total = -(-max(frames) // self.chunk_frames) * n
+            batch = np.zeros((batch_size, 1, total), np.float32)
+            for i, x in enumerate(group):
+                batch[i, 0, : x.shape[0]] = x
+            state = self.mimi.init_state(batch_size)
+            chunks = []
+            for start in range(0, total, n):
+                codes, state = self._enc(jnp.asarray(batch[:, :, start:start + n]), state)
+                chunks.append(np.asarray(codes))
+            codes = np.concatenate(chunks, axis=-1)
+            out.extend(codes[i, :, : frames[i]].astype(np.int32) for i in range(len(group)))
+        return out
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes [K, frames] -> mono audio float32 [frames * frame_size]."""
         c = np.asarray(codes, np.int32)

@@ -171,7 +171,7 @@ class MoshiTask(Task):
         self.check_shards(shards)
         return make_shard_iterator(shards, split=split, global_batch_size=global_batch_size, seed=self.cfg.seed,
                                    process_index=process_index, process_count=process_count,
-                                   num_workers=data.num_workers, field="codes")
+                                   num_workers=data.num_workers, field="codes", crop_frames=self.frames)
 
     def check_shards(self, shards: str) -> dict:
         """The manifest of ``shards`` after checking that its records fit this model."""
@@ -179,10 +179,11 @@ class MoshiTask(Task):
         from data_pipeline.multistream import read_multistream_manifest
 
         manifest = read_multistream_manifest(shards)
-        want = [self.model_cfg.num_streams, self.frames]
-        if manifest["record"]["shape"] != want:
-            raise DataError(f"multi-stream shards {shards} hold records of shape {manifest['record']['shape']}, but "
-                            f"the model needs [num_streams, data.frames] = {want}")
+        shape = manifest["record"]["shape"]
+        if shape[0] != self.model_cfg.num_streams:
+            raise DataError(f"multi-stream shards {shards} hold records of {shape[0]} streams, but the model needs "
+                            f"num_streams = {self.model_cfg.num_streams}")
+        # other lengths (e.g. whole recordings from `moshax data prepare`) are cropped to data.frames
         spec = manifest.get("multistream", {})
         for key, mine in (("text_card", self.model_cfg.text_card), ("card", self.model_cfg.card)):
             if spec.get(key, 0) > mine:

@@ -1,0 +1,115 @@
+"""``moshax data prepare`` and ``moshax data inspect``: the commands around
+:mod:`data_pipeline.prepare` (which holds the pipeline; this module builds the Mimi codec and the
+analysis models from flags and config, so the data package stays free of model code).
+
+    moshax data prepare --input DIR --output DIR --mimi-checkpoint CKPT [--tokenizer SPM.model]
+        [--asr none|pocketsphinx|whisper:DIR | --transcripts DIR] [--stereo-split]
+        [--num-workers N] [--worker-index I --num-worker-hosts M] [--retry-errors]
+        [--config configs/data_prepare.yaml] [key=value ...]
+    moshax data inspect DIR [--decode N --output DIR --mimi-checkpoint CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+
+class MimiTokenizer:
+    """The prepare job's codec: a Mimi checkpoint behind ``encode_batch`` / ``decode``."""
+
+    def __init__(self, checkpoint: str, num_codebooks: int, chunk_seconds: float = 10.0):
+        from moshax.checkpoint.model import load_codec
+        from moshax.config import to_dict
+        from moshax.inference.codec import CodecRunner
+
+        mimi = load_codec(checkpoint)
+        q = mimi.cfg.quantizer
+        self.checkpoint = str(Path(checkpoint).resolve())
+        self.runner = CodecRunner(mimi, num_codebooks=max(num_codebooks, q.n_q_semantic),
+                                  chunk_frames=max(1, int(round(chunk_seconds * mimi.cfg.frame_rate))))
+        self.sample_rate = mimi.cfg.sample_rate
+        self.frame_rate = mimi.cfg.frame_rate
+        self.num_codebooks = self.runner.num_codebooks
+        self.card = q.bins
+        cfg_json = json.dumps(to_dict(mimi.cfg), sort_keys=True)
+        self._identity = {"name": "mimi", "checkpoint": self.checkpoint, "num_codebooks": self.num_codebooks,
+                          "card": self.card, "sample_rate": self.sample_rate, "frame_rate": self.frame_rate,
+                          "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest()}
+
+    def encode_batch(self, audios, batch_size: int = 4):
+        return self.runner.encode_batch(audios, batch_size=batch_size)
+
+    def decode(self, codes):
+        return self.runner.decode(codes)
+
+    def identity(self) -> dict:
+        return dict(self._identity)
+
+
+def load_prepare_config(args: argparse.Namespace):
+    """YAML (``--config``) < flags < ``key=value`` overrides, as a typed :class:`PrepareConfig`."""
+    import yaml
+
+    from data_pipeline.prepare_config import PrepareConfig
+    from moshax.config import ConfigError, _build, _set_dotted, parse_overrides
+
+    data: dict = {}
+    if args.config:
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {args.config}") from None
+    flags = {"inputs": args.input, "output": args.output, "mimi_checkpoint": args.mimi_checkpoint,
+             "tokenizer": args.tokenizer, "transcripts": args.transcripts, "num_workers": args.num_workers,
+             "worker_index": args.worker_index, "num_worker_hosts": args.num_worker_hosts,
+             "files_per_shard": args.files_per_shard}
+    for key, value in flags.items():
+        if value is not None:
+            data[key] = value
+    if args.stereo_split:
+        data["stereo_split"] = True
+    if args.retry_errors:
+        data["retry_errors"] = True
+    if args.asr is not None:
+        data.setdefault("asr", {})["engine"] = args.asr
+    for key, value in parse_overrides(args.overrides):
+        _set_dotted(data, key, value)
+    cfg = _build(PrepareConfig, data, "")
+    for path_key in ("tokenizer", "transcripts", "mimi_checkpoint"):
+        value = getattr(cfg, path_key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{path_key.replace('_', '-')}: not found: {value}")
+    return cfg
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML with PrepareConfig keys (e.g. configs/data_prepare.yaml)")
+    p.add_argument("--input", action="append", help="dir, glob, file or .jsonl manifest (repeatable)")
+    p.add_argument("--output", help="shard directory (created; a rerun resumes it)")
+    p.add_argument("--mimi-checkpoint", help="Mimi: moshax checkpoint or Kyutai .safetensors")
+    p.add_argument("--tokenizer", help="sentencepiece .model for the text stream")
+    p.add_argument("--asr", help="none | pocketsphinx | whisper:DIR (transcribe the main stream)")
+    p.add_argument("--transcripts", help="sidecar dir: STEM.json word times or STEM.txt plain text")
+    p.add_argument("--stereo-split", action="store_true", help="stereo input: left = main speaker, right = other")
+    p.add_argument("--num-workers", type=int, help="Grain worker processes for the CPU stages")
+    p.add_argument("--worker-index", type=int, help="this host's index (multi-host preparation)")
+    p.add_argument("--num-worker-hosts", type=int, help="hosts sharing the job (each writes disjoint shards)")
+    p.add_argument("--files-per-shard", type=int)
+    p.add_argument("--retry-errors", action="store_true", help="redo finished shards that recorded failed files")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value (e.g. record_seconds=60 vad.threshold=0.6)")
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    from data_pipeline.prepare import run_prepare
+    from data_pipeline.stage_models import StageModels
+
+    cfg = load_prepare_config(args)
+    cfg.validate()
+    components = StageModels.from_config(cfg)
+    codec = MimiTokenizer(cfg.mimi_checkpoint, cfg.num_codebooks, cfg.codec_chunk_seconds)
+    summary = run_prepare(cfg, codec, components, progress=not args.no_progress)
+    return 0 if summary["manifest"] or cfg.num_worker_hosts > 1 else 1
