@@ -54,8 +54,7 @@ def pipeline_identity(cfg: PrepareConfig, codec, components, plan: list[ShardPla
         "plan": {"files": sum(len(s.files) for s in plan), "shards": len(plan),
                  "files_sha256": hashlib.sha256("\n".join(f.path for s in plan for f in s.files).encode()).hexdigest()},
     }
-    if components is not None:
-        ident.update(components.identity())
+    ident.update(components.identity())
     return ident
 
 
@@ -122,6 +121,10 @@ def run_prepare(cfg: PrepareConfig, codec, components=None, *, progress: bool = 
     """Prepare this host's shards; returns a summary (and the manifest once every shard is done)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     cfg.validate()
+    if components is None:
+        from data_pipeline.stage_models import StageModels
+
+        components = StageModels.from_config(cfg)
     if cfg.num_codebooks > codec.num_codebooks:
         raise DataError(f"num_codebooks={cfg.num_codebooks}, but the codec gives {codec.num_codebooks}")
     files = list_audio_files(cfg.inputs)

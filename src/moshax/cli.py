@@ -180,6 +180,8 @@ DATA_COMMANDS = [
      "data_pipeline.dialogue_synth", "add_dialogue_arguments", "dialogue_command"),
     ("prepare", "recordings -> VAD, diarization, words, Mimi tokens -> multi-stream shards (resumable)",
      "moshax.commands.data_prepare", "add_prepare_arguments", "prepare_command"),
+    ("inspect", "a shard directory's statistics, hashes verified; --decode N writes records back to audio + text",
+     "moshax.commands.data_prepare", "add_inspect_arguments", "inspect_command"),
 ]
 
 

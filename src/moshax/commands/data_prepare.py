@@ -113,3 +113,40 @@ def prepare_command(args: argparse.Namespace) -> int:
     codec = MimiTokenizer(cfg.mimi_checkpoint, cfg.num_codebooks, cfg.codec_chunk_seconds)
     summary = run_prepare(cfg, codec, components, progress=not args.no_progress)
     return 0 if summary["manifest"] or cfg.num_worker_hosts > 1 else 1
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", help="a token-shard directory (manifest.json)")
+    p.add_argument("--decode", type=int, default=0, metavar="N", help="write N records back to audio + text")
+    p.add_argument("--output", help="where --decode writes record-XXXXX.wav/.txt")
+    p.add_argument("--mimi-checkpoint", help="codec for --decode (default: the one the manifest names)")
+    p.add_argument("--tokenizer", help="sentencepiece model for the text (default: the manifest's)")
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import DataError
+    from data_pipeline.inspect_shards import decode_records, report
+    from data_pipeline.token_shards import read_manifest
+
+    for line in report(args.shards):
+        print(line)
+    if args.decode <= 0:
+        return 0
+    if not args.output:
+        raise DataError("--decode needs --output DIR")
+    manifest = read_manifest(args.shards)
+    ckpt = args.mimi_checkpoint or (manifest.get("codec") or {}).get("checkpoint")
+    if not ckpt or not Path(ckpt).exists():
+        raise DataError(f"--decode needs the codec: --mimi-checkpoint (the manifest names {ckpt!r})")
+    spm_path = args.tokenizer or (manifest.get("tokenizer") or {}).get("path")
+    tokenizer = None
+    if spm_path and Path(spm_path).is_file():
+        from data_pipeline.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(spm_path)
+    spec = manifest.get("multistream") or {}
+    codec = MimiTokenizer(ckpt, spec.get("dep_q", 8))
+    written = decode_records(args.shards, args.decode, args.output, codec, tokenizer)
+    print(f"wrote {len(written)} records to {args.output} (stereo wav: left = Moshi's stream, right = the user's; "
+          "text beside each)")
+    return 0
