@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= data
 WORKDIR ?= runs/helium_tiny
 
-.PHONY: install quickstart moshi-quickstart data test test-slow bench clean
+.PHONY: install quickstart moshi-quickstart data data-quickstart test test-slow bench clean
 
 $(BIN)/moshax: pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=..." >&2; exit 1; }
@@ -40,6 +40,30 @@ $(DATA)/moshi_tiny/train/manifest.json: $(DATA)/tokenizer/spm.model
 
 moshi-quickstart: quickstart $(DATA)/moshi_tiny/train/manifest.json
 	$(BIN)/moshax train --config configs/moshi_tiny.yaml task.init_from=$(WORKDIR)
+
+# Data quickstart: a two-voice eSpeak NG dialogue corpus (exact word times and speakers), prepared
+# into multi-stream shards with a random-weight tiny Mimi (VAD, diarization, sidecar word times),
+# then moshi_tiny trained on them from scratch.
+DIALOGUES ?= $(DATA)/dialogues
+$(DATA)/mimi_random/.done: | $(BIN)/moshax
+	rm -rf $(DATA)/mimi_random
+	$(BIN)/moshax mimi init --config configs/mimi_tiny.yaml --output $(DATA)/mimi_random
+	touch $@
+
+$(DIALOGUES)/train/.done: | $(BIN)/moshax
+	$(BIN)/moshax data synth-dialogues --output $(DIALOGUES)/train --dialogues 48 --turns 8
+	$(BIN)/moshax data synth-dialogues --output $(DIALOGUES)/eval --dialogues 4 --turns 8 --seed 1
+	touch $@
+
+data-quickstart: $(DATA)/tokenizer/spm.model $(DATA)/mimi_random/.done $(DIALOGUES)/train/.done
+	for split in train eval; do \
+		$(BIN)/moshax data prepare --config configs/data_prepare.yaml --input $(DIALOGUES)/$$split \
+			--output $(DATA)/dialogue_shards/$$split --mimi-checkpoint $(DATA)/mimi_random \
+			--tokenizer $(DATA)/tokenizer/spm.model --transcripts $(DIALOGUES)/$$split/truth || exit 1; \
+	done
+	$(BIN)/moshax data inspect $(DATA)/dialogue_shards/train
+	$(BIN)/moshax train --config configs/moshi_tiny.yaml --workdir runs/moshi_dialogues task.init_from= \
+		data.train_shards=$(DATA)/dialogue_shards/train data.eval_shards=$(DATA)/dialogue_shards/eval
 
 test: install
 	$(BIN)/python -m pytest -q
