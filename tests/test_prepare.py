@@ -300,3 +300,21 @@ def test_cli_prepare_inspect_and_one_line_errors(env, prepared, tmp_path, capsys
         assert main(["data", "prepare", "--no-progress", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+@pytest.mark.slow  # ~40 s: CI's slow suite runs it
+def test_training_on_prepared_shards_lowers_the_losses(prepared, tmp_path):
+    """What `make data-quickstart` does, small: a Moshi LM trains from prepared shards (whole
+    recordings, cropped by the loader) and its text, semantic and acoustic losses fall."""
+    from test_moshi_training import moshi_config, trainer_for
+
+    cfg = moshi_config(prepared, data={"frames": 24, "eval_shards": str(prepared)},
+                       model={"text_card": 256, "card": 64},
+                       train={"steps": 60, "log_every": 10, "batch_size": 8},
+                       optim={"learning_rate": 3e-3, "warmup_steps": 5}, checkpoint={"every": 1000})
+    summary = trainer_for(cfg, tmp_path / "run", (1, 1, 1)).run()
+    hist = [h for h in summary["history"] if "text" in h]
+    first, last = hist[0], hist[-1]
+    print({k: (round(first[k], 3), round(last[k], 3)) for k in ("text", "semantic", "acoustic")})
+    for key in ("text", "semantic", "acoustic"):
+        assert last[key] < 0.8 * first[key], key
