@@ -41,6 +41,13 @@ def annotation(turns):
     return ann
 
 
+def whole(duration: float):
+    """The scored extent: the whole file."""
+    from pyannote.core import Segment, Timeline
+
+    return Timeline([Segment(0.0, duration)])
+
+
 def word_cover(words, regions) -> float:
     """Fraction of the truth words' time inside the regions."""
     total = sum(w.end - w.start for w in words)
@@ -54,6 +61,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--threshold", type=float, default=DiarizationConfig.cluster_threshold)
     ap.add_argument("--min-share", type=float, default=DiarizationConfig.min_cluster_share)
+    ap.add_argument("--split", type=float, default=DiarizationConfig.split_threshold)
+    ap.add_argument("--seed", type=int, default=10)
     args = ap.parse_args()
     from pyannote.metrics.diarization import DiarizationErrorRate
 
@@ -61,7 +70,7 @@ def main() -> None:
     encoder.weights  # noqa: B018 - load outside the timing
     with tempfile.TemporaryDirectory() as tmp:
         for speakers in (2, 3):
-            paths = synthesize_dialogues(Path(tmp) / f"v{speakers}", args.dialogues, seed=10 + speakers,
+            paths = synthesize_dialogues(Path(tmp) / f"v{speakers}", args.dialogues, seed=args.seed + speakers,
                                          speakers=speakers, turns=args.turns)
             der_auto = DiarizationErrorRate(collar=0.25)
             der_known = DiarizationErrorRate(collar=0.25)
@@ -77,12 +86,14 @@ def main() -> None:
                 vad_cpu += time.process_time() - t0
                 covers.append(word_cover(read_words(truth_dir / f"{p.stem}.json"), regions))
                 t0 = time.process_time()
-                d = diarize(audio, 16000, regions, DiarizationConfig(cluster_threshold=args.threshold, min_cluster_share=args.min_share), encoder)
+                d = diarize(audio, 16000, regions, DiarizationConfig(cluster_threshold=args.threshold, min_cluster_share=args.min_share,
+                                                                    split_threshold=args.split), encoder)
                 dia_cpu += time.process_time() - t0
                 counts.append(len(d.talk_time))
-                der_auto(annotation(truth), annotation(d.turns))
-                d2 = diarize(audio, 16000, regions, DiarizationConfig(num_speakers=speakers), encoder)
-                der_known(annotation(truth), annotation(d2.turns))
+                uem = whole(audio.size / 16000)
+                der_auto(annotation(truth), annotation(d.turns), uem=uem)
+                d2 = diarize(audio, 16000, regions, DiarizationConfig(num_speakers=len({t.speaker for t in truth})), encoder)
+                der_known(annotation(truth), annotation(d2.turns), uem=uem)
             print(f"{speakers} voices, {len(paths)} dialogues, {audio_s:.0f} s of audio:")
             print(f"  DER (collar 0.25) automatic count {abs(der_auto):.3f}  (speakers found {counts}), "
                   f"count given {abs(der_known):.3f}")

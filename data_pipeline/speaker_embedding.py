@@ -126,6 +126,18 @@ def load_weights(path: str | Path | None = None) -> dict[str, np.ndarray]:
     return weights
 
 
+def _one_blas_thread():
+    """Small matmuls run fastest on one BLAS thread (threads contend on a busy machine); a no-op
+    without threadpoolctl (it comes with scikit-learn)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -149,49 +161,60 @@ class SpeakerEncoder:
         state["_w"] = None
         return state
 
-    def embed_mels(self, mels: np.ndarray) -> np.ndarray:
+    def embed_mels(self, mels: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """``[batch, frames, 40]`` mel frames -> ``[batch, 256]`` embeddings (the LSTM's last hidden
-        state of the top layer, linear, ReLU, L2 norm; PyTorch's gate order i, f, g, o)."""
+        state of the top layer, linear, ReLU, L2 norm; PyTorch's gate order i, f, g, o).
+
+        ``lengths``: frames of each item when shorter ones are zero-padded at the end; an item's
+        embedding is then the top layer's state at its own last frame (exact: a step only sees
+        the frames before it), so windows of any lengths share one batch."""
         w = self.weights
         x = np.asarray(mels, np.float32)
         if x.ndim != 3 or x.shape[-1] != N_MELS:
             raise DataError(f"speaker encoder: expected mel frames [batch, frames, {N_MELS}], got {x.shape}")
         batch, frames, _ = x.shape
-        for layer in range(LAYERS):
-            w_ih, w_hh = w[f"lstm.weight_ih_l{layer}"], w[f"lstm.weight_hh_l{layer}"]
-            bias = w[f"lstm.bias_ih_l{layer}"] + w[f"lstm.bias_hh_l{layer}"]
-            pre = x @ w_ih.T + bias  # [batch, frames, 4 * hidden]: the input part of every step at once
-            h = np.zeros((batch, HIDDEN), np.float32)
-            c = np.zeros((batch, HIDDEN), np.float32)
-            out = np.empty((batch, frames, HIDDEN), np.float32) if layer < LAYERS - 1 else None
-            w_hh_t = np.ascontiguousarray(w_hh.T)
-            for t in range(frames):
-                g = pre[:, t] + h @ w_hh_t
-                i, f = _sigmoid(g[:, :HIDDEN]), _sigmoid(g[:, HIDDEN:2 * HIDDEN])
-                cell, o = np.tanh(g[:, 2 * HIDDEN:3 * HIDDEN]), _sigmoid(g[:, 3 * HIDDEN:])
-                c = f * c + i * cell
-                h = o * np.tanh(c)
-                if out is not None:
-                    out[:, t] = h
-            x = out if out is not None else x
-        raw = np.maximum(h @ w["linear.weight"].T + w["linear.bias"], 0.0)
+        last = np.full(batch, frames - 1) if lengths is None else np.asarray(lengths, int) - 1
+        if frames == 0 or last.min() < 0:
+            raise DataError("speaker encoder: an input has no mel frames")
+        final = np.zeros((batch, HIDDEN), np.float32)
+        with _one_blas_thread():
+            for layer in range(LAYERS):
+                top = layer == LAYERS - 1
+                w_hh_t = np.ascontiguousarray(w[f"lstm.weight_hh_l{layer}"].T)
+                bias = w[f"lstm.bias_ih_l{layer}"] + w[f"lstm.bias_hh_l{layer}"]
+                pre = x @ w[f"lstm.weight_ih_l{layer}"].T + bias  # the input part of every step at once
+                h = np.zeros((batch, HIDDEN), np.float32)
+                c = np.zeros((batch, HIDDEN), np.float32)
+                out = None if top else np.empty((batch, frames, HIDDEN), np.float32)
+                for t in range(int(last.max()) + 1):
+                    g = pre[:, t] + h @ w_hh_t
+                    i, f = _sigmoid(g[:, :HIDDEN]), _sigmoid(g[:, HIDDEN:2 * HIDDEN])
+                    cell, o = np.tanh(g[:, 2 * HIDDEN:3 * HIDDEN]), _sigmoid(g[:, 3 * HIDDEN:])
+                    c = f * c + i * cell
+                    h = o * np.tanh(c)
+                    if top:
+                        done = last == t
+                        final[done] = h[done]
+                    else:
+                        out[:, t] = h
+                x = out
+            raw = np.maximum(final @ w["linear.weight"].T + w["linear.bias"], 0.0)
         norm = np.linalg.norm(raw, axis=1, keepdims=True)
         return (raw / np.maximum(norm, 1e-12)).astype(np.float32)
 
-    def embed_windows(self, wav16k: np.ndarray, spans: list[tuple[int, int]], batch: int = 64) -> np.ndarray:
+    def embed_windows(self, wav16k: np.ndarray, spans: list[tuple[int, int]], batch: int = 32) -> np.ndarray:
         """Embeddings ``[len(spans), 256]`` of sample spans ``(start, end)`` of one 16 kHz waveform
-        (already volume-normalised). Spans of equal length batch together."""
+        (already volume-normalised), in batches of similar lengths."""
         out = np.zeros((len(spans), HIDDEN), np.float32)
-        by_len: dict[int, list[int]] = {}
-        for k, (s, e) in enumerate(spans):
-            by_len.setdefault(int(e) - int(s), []).append(k)
-        for length, ks in by_len.items():
-            if length <= 0:
-                continue
-            for b in range(0, len(ks), batch):
-                part = ks[b:b + batch]
-                mels = np.stack([mel_frames(wav16k[spans[k][0]:spans[k][1]]) for k in part])
-                out[part] = self.embed_mels(mels)
+        mels = [mel_frames(wav16k[int(s):int(e)]) for s, e in spans]
+        order = sorted(range(len(spans)), key=lambda k: mels[k].shape[0])
+        for b in range(0, len(order), batch):
+            part = order[b:b + batch]
+            lengths = np.array([mels[k].shape[0] for k in part])
+            padded = np.zeros((len(part), int(lengths.max()), N_MELS), np.float32)
+            for j, k in enumerate(part):
+                padded[j, :lengths[j]] = mels[k]
+            out[part] = self.embed_mels(padded, lengths)
         return out
 
     def embed_utterance(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:

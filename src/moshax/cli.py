@@ -178,6 +178,8 @@ DATA_COMMANDS = [
      "data_pipeline.speech_synth", "add_speech_arguments", "speech_command"),
     ("synth-dialogues", "eSpeak NG two/three-voice dialogues with exact word times and speaker turns",
      "data_pipeline.dialogue_synth", "add_dialogue_arguments", "dialogue_command"),
+    ("diarize", "who speaks when: voice activity (Silero VAD) and speaker turns, written as RTTM",
+     "data_pipeline.diarize", "add_diarize_arguments", "diarize_command"),
 ]
 
 
