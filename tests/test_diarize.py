@@ -245,3 +245,20 @@ def test_cli_writes_rttm_and_reports_bad_files(dialogues, vad, encoder, tmp_path
     lines = r.stdout.splitlines()
     assert lines and all(line.startswith(f"SPEAKER {a.stem} 1 ") for line in lines)
     assert {line.split()[7] for line in lines} == {"spk0", "spk1"}
+
+
+def test_missing_torch_is_one_line(monkeypatch):
+    from data_pipeline.speaker_embedding import SpeakerEncoder
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import fails
+    with pytest.raises(DataError, match="pip install torch"):
+        SpeakerEncoder().weights  # noqa: B018
+
+
+def test_import_is_light():
+    """The CLI table imports diarize.py for every `moshax` call: no torch, onnxruntime or sklearn."""
+    code = ("import sys, data_pipeline.diarize, data_pipeline.vad, data_pipeline.speaker_embedding; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'sklearn') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

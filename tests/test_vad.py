@@ -101,3 +101,14 @@ def test_post_processing_hysteresis_and_padding():
 def test_bad_config_is_one_line(field, value):
     with pytest.raises(DataError, match=field):
         VadConfig(**{field: value}).validate()
+
+
+def test_missing_onnxruntime_is_one_line(monkeypatch):
+    import sys
+
+    from data_pipeline.vad import SileroVad
+
+    vad = SileroVad()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    with pytest.raises(DataError, match="pip install onnxruntime"):
+        vad.regions(np.zeros(1600, np.float32), 16000)
