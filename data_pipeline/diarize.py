@@ -9,7 +9,8 @@ Steps, each simple on purpose (the dialogues we prepare for Moshi have a few spe
    ``max_speakers``).
 3. Every 20 ms frame of a voiced region takes the speaker whose centroid the windows covering it
    are most similar to; runs shorter than ``min_turn_seconds`` join their neighbour (smoothing).
-   Frames covered by windows of two different clusters are marked as overlap.
+   Frames covered by windows of two different clusters, and ``CHANGE_MARGIN`` on each side of a
+   change of speaker inside continuous speech, are marked as overlap.
 4. Frames -> turns (one :class:`~data_pipeline.rttm.Turn` per run of a speaker inside a region).
 
 ``moshax data diarize AUDIO... [--output OUT.rttm]`` writes the turns as RTTM.
@@ -30,6 +31,7 @@ from data_pipeline.rttm import Turn
 
 FRAME = 0.02  # seconds per label frame
 EMBED_RATE = 16000
+CHANGE_MARGIN = 0.3  # seconds marked as overlap on each side of a speaker change inside speech
 
 
 @dataclass
@@ -255,8 +257,13 @@ def diarize(audio: np.ndarray, sample_rate: int, regions: list[tuple[float, floa
                 if te > ts:
                     turns.append(Turn(round(ts, 3), round(te, 3), names[c]))
     turns.sort(key=lambda t: (t.start, t.end))
-    overlap = [(round(a * FRAME, 3), round(min(duration, b * FRAME), 3))
-               for a, b in _runs(voiced & (seen.sum(axis=1) >= 2))]
+    both = voiced & (seen.sum(axis=1) >= 2)
+    # a change of speaker with no pause between (continuous speech): both may talk there
+    change = np.flatnonzero((frame_labels[1:] >= 0) & (frame_labels[:-1] >= 0) & (frame_labels[1:] != frame_labels[:-1]))
+    reach = int(round(CHANGE_MARGIN / FRAME))
+    for i in change:
+        both[max(0, i + 1 - reach):i + 1 + reach] = True
+    overlap = [(round(a * FRAME, 3), round(min(duration, b * FRAME), 3)) for a, b in _runs(voiced & both)]
     talk = {name: 0.0 for name in names.values()}
     for t in turns:
         talk[t.speaker] += t.end - t.start

@@ -262,3 +262,33 @@ def test_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_overlapped_turns_are_marked(tmp_path, vad, encoder):
+    """Dialogues where most turns start 0.3-0.9 s before the last one ends: turns are still found
+    and the marked overlap regions find most of the true overlaps (window-granular: 0.75 s)."""
+    require_binary("espeak-ng")
+    from pyannote.core import Annotation, Segment, Timeline
+
+    from data_pipeline.dialogue_synth import synthesize_dialogues
+
+    DiarizationErrorRate = require_module("pyannote.metrics.diarization").DiarizationErrorRate
+    metric, found, total = DiarizationErrorRate(collar=0.25), 0, 0
+    for path in synthesize_dialogues(tmp_path, 3, seed=3, speakers=2, turns=6, overlap=0.7):
+        truth, _ = _truth(path)
+        audio, d = _run(path, vad, encoder, DiarizationConfig(num_speakers=2))
+        ref, hyp = Annotation(), Annotation()
+        for i, t in enumerate(truth):
+            ref[Segment(t.start, t.end), i] = t.speaker
+        for i, t in enumerate(d.turns):
+            hyp[Segment(t.start, t.end), i] = t.speaker
+        metric(ref, hyp, uem=Timeline([Segment(0, audio.size / 16000)]))
+        overlaps = [(max(a.start, b.start), min(a.end, b.end)) for i, a in enumerate(truth) for b in truth[i + 1:]
+                    if min(a.end, b.end) > max(a.start, b.start)]
+        total += len(overlaps)
+        found += sum(any(s < me + 0.25 and ms - 0.25 < e for ms, me in d.overlap) for s, e in overlaps)
+    print(f"overlapped dialogues: DER {abs(metric):.3f} (2 speakers given), {found}/{total} true overlaps marked")
+    # Measured: DER 0.064, 7/11 marked (the misses: a 1.4 s turn inside the other voice's speech,
+    # shorter than a window, is not found at all).
+    assert abs(metric) < 0.15
+    assert total and found >= 0.4 * total
