@@ -227,48 +227,68 @@ def diarize(audio: np.ndarray, sample_rate: int, regions: list[tuple[float, floa
     samples = [(int(round(s * EMBED_RATE)), int(round(e * EMBED_RATE))) for s, e in spans]
     emb = encoder.embed_windows(wav, samples)
     labels = _cluster(emb, cfg)
+    frame_labels, voiced, seen = _label_frames(spans, emb, labels, regions, duration, cfg.min_turn_seconds)
+    turns = _turns(frame_labels, regions)
+    overlap = _overlap(frame_labels, voiced, seen, duration)
+    talk: dict[str, float] = {}
+    for t in turns:
+        talk[t.speaker] = talk.get(t.speaker, 0.0) + t.end - t.start
+    talk = {n: round(v, 3) for n, v in talk.items()}
+    return Diarization(turns, overlap, pick_main_speaker(talk, cfg), talk)
+
+
+def _frame_span(s: float, e: float) -> tuple[int, int]:
+    a = int(np.floor(s / FRAME))
+    return a, max(int(np.ceil(e / FRAME)), a + 1)
+
+
+def _label_frames(spans, emb, labels, regions, duration: float, min_turn_seconds: float):
+    """Per 20 ms frame: the cluster the covering windows are most similar to on average (-1:
+    unvoiced), smoothed; the voiced mask; and which clusters' windows cover each frame."""
     k = int(labels.max()) + 1
     sims = emb @ _centroids(emb, labels).T  # [windows, clusters]
-
     frames = int(np.ceil(duration / FRAME))
     score = np.zeros((frames, k), np.float32)
     cover = np.zeros(frames, np.int32)
     seen = np.zeros((frames, k), bool)
     for (s, e), sim, lab in zip(spans, sims, labels):
-        a, b = int(np.floor(s / FRAME)), max(int(np.ceil(e / FRAME)), int(np.floor(s / FRAME)) + 1)
+        a, b = _frame_span(s, e)
         score[a:b] += sim
         cover[a:b] += 1
         seen[a:b, lab] = True
     voiced = np.zeros(frames, bool)
     for s, e in regions:
-        voiced[int(np.floor(s / FRAME)):int(np.ceil(e / FRAME))] = True
+        a, b = _frame_span(s, e)
+        voiced[a:b] = True
     frame_labels = np.where(voiced & (cover > 0), score.argmax(axis=1), -1)
-    frame_labels = _smooth(frame_labels, max(1, int(round(cfg.min_turn_seconds / FRAME))))
+    return _smooth(frame_labels, max(1, int(round(min_turn_seconds / FRAME)))), voiced, seen
 
-    # speaker names in order of first appearance
+
+def _turns(frame_labels: np.ndarray, regions) -> list[Turn]:
+    """Runs of one label inside each region; names ``spk0``, ``spk1``... in order of first talk."""
     order = [int(c) for c in dict.fromkeys(frame_labels[frame_labels >= 0].tolist())]
     names = {c: f"spk{i}" for i, c in enumerate(order)}
     turns = []
     for s, e in regions:
-        a, b = int(np.floor(s / FRAME)), int(np.ceil(e / FRAME))
+        a, b = _frame_span(s, e)
         for c in order:
             for ra, rb in _runs(frame_labels[a:b] == c):
                 ts, te = max(s, (a + ra) * FRAME), min(e, (a + rb) * FRAME)
                 if te > ts:
                     turns.append(Turn(round(ts, 3), round(te, 3), names[c]))
-    turns.sort(key=lambda t: (t.start, t.end))
+    return sorted(turns, key=lambda t: (t.start, t.end))
+
+
+def _overlap(frame_labels: np.ndarray, voiced: np.ndarray, seen: np.ndarray, duration: float):
+    """Voiced frames covered by windows of two clusters, or within ``CHANGE_MARGIN`` of a change
+    of speaker with no pause between (continuous speech: both may be talking)."""
     both = voiced & (seen.sum(axis=1) >= 2)
-    # a change of speaker with no pause between (continuous speech): both may talk there
-    change = np.flatnonzero((frame_labels[1:] >= 0) & (frame_labels[:-1] >= 0) & (frame_labels[1:] != frame_labels[:-1]))
+    change = np.flatnonzero((frame_labels[1:] >= 0) & (frame_labels[:-1] >= 0)
+                            & (frame_labels[1:] != frame_labels[:-1]))
     reach = int(round(CHANGE_MARGIN / FRAME))
     for i in change:
         both[max(0, i + 1 - reach):i + 1 + reach] = True
-    overlap = [(round(a * FRAME, 3), round(min(duration, b * FRAME), 3)) for a, b in _runs(voiced & both)]
-    talk = {name: 0.0 for name in names.values()}
-    for t in turns:
-        talk[t.speaker] += t.end - t.start
-    talk = {n: round(v, 3) for n, v in talk.items()}
-    return Diarization(turns, overlap, pick_main_speaker(talk, cfg), talk)
+    return [(round(a * FRAME, 3), round(min(duration, b * FRAME), 3)) for a, b in _runs(voiced & both)]
 
 
 def pick_main_speaker(talk_time: dict[str, float], cfg: DiarizationConfig) -> str:
