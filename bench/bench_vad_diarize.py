@@ -67,6 +67,8 @@ def main() -> None:
     from pyannote.metrics.diarization import DiarizationErrorRate
 
     vad, encoder = SileroVad(), SpeakerEncoder()
+    automatic = DiarizationConfig(cluster_threshold=args.threshold, min_cluster_share=args.min_share,
+                                  split_threshold=args.split)
     encoder.weights  # noqa: B018 - load outside the timing
     with tempfile.TemporaryDirectory() as tmp:
         for speakers in (2, 3):
@@ -86,13 +88,13 @@ def main() -> None:
                 vad_cpu += time.process_time() - t0
                 covers.append(word_cover(read_words(truth_dir / f"{p.stem}.json"), regions))
                 t0 = time.process_time()
-                d = diarize(audio, 16000, regions, DiarizationConfig(cluster_threshold=args.threshold, min_cluster_share=args.min_share,
-                                                                    split_threshold=args.split), encoder)
+                d = diarize(audio, 16000, regions, automatic, encoder)
                 dia_cpu += time.process_time() - t0
                 counts.append(len(d.talk_time))
                 uem = whole(audio.size / 16000)
                 der_auto(annotation(truth), annotation(d.turns), uem=uem)
-                d2 = diarize(audio, 16000, regions, DiarizationConfig(num_speakers=len({t.speaker for t in truth})), encoder)
+                given = DiarizationConfig(num_speakers=len({t.speaker for t in truth}))
+                d2 = diarize(audio, 16000, regions, given, encoder)
                 der_known(annotation(truth), annotation(d2.turns), uem=uem)
             print(f"{speakers} voices, {len(paths)} dialogues, {audio_s:.0f} s of audio:")
             print(f"  DER (collar 0.25) automatic count {abs(der_auto):.3f}  (speakers found {counts}), "

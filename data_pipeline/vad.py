@@ -104,7 +104,8 @@ class SileroVad:
             try:
                 import onnxruntime
             except ImportError:
-                raise DataError(f"onnxruntime is not installed (needed for voice activity detection): {_INSTALL}") from None
+                raise DataError(f"onnxruntime is not installed (needed for voice activity detection): "
+                                f"{_INSTALL}") from None
             opts = onnxruntime.SessionOptions()
             opts.intra_op_num_threads = self.cfg.threads
             opts.inter_op_num_threads = 1
