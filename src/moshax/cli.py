@@ -182,6 +182,8 @@ DATA_COMMANDS = [
      "moshax.commands.data_prepare", "add_prepare_arguments", "prepare_command"),
     ("inspect", "a shard directory's statistics, hashes verified; --decode N writes records back to audio + text",
      "moshax.commands.data_prepare", "add_inspect_arguments", "inspect_command"),
+    ("diarize", "who speaks when: voice activity (Silero VAD) and speaker turns, written as RTTM",
+     "data_pipeline.diarize", "add_diarize_arguments", "diarize_command"),
 ]
 
 
