@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.diarize import DiarizationConfig
 from data_pipeline.errors import DataError
+from data_pipeline.vad import VadConfig
 
 
 @dataclass
@@ -17,6 +19,10 @@ class PrepareConfig:
     mimi_checkpoint: str = ""  # moshax Mimi checkpoint or Kyutai .safetensors
     tokenizer: str = ""  # sentencepiece .model for the text stream ("" only when no file has words)
     stereo_split: bool = False  # stereo = left: main speaker, right: the other side (skips diarization)
+    voice_activity: bool = True  # Silero VAD: speech ratio, no-speech files rejected, regions for diarization
+    diarize: bool = True  # mono: find the speakers (off: the whole mix is the main stream, no other stream)
+    vad: VadConfig = field(default_factory=VadConfig)
+    diarization: DiarizationConfig = field(default_factory=DiarizationConfig)
     transcripts: str = ""  # sidecar dir: STEM.json (alignments / whisper segments) or STEM.txt (forced alignment)
     no_words: str = "pad"  # a file without words: all-PAD text stream ("pad") or masked (-1, "mask")
     text_delay: float = 0.0  # seconds; positive = text ahead of the audio (the reference's audio_delay)
@@ -52,5 +58,9 @@ class PrepareConfig:
             raise DataError(f"num_workers={self.num_workers}: must be >= 0")
         if not 0 <= self.worker_index < self.num_worker_hosts:
             raise DataError(f"worker_index={self.worker_index}: must be in [0, num_worker_hosts={self.num_worker_hosts})")
+        self.vad.validate()
+        self.diarization.validate()
+        if self.diarize and not self.stereo_split and not self.voice_activity:
+            raise DataError("diarize=true needs voice_activity=true (speaker turns are found in the voiced regions)")
         if not self.codec_chunk_seconds > 0:
             raise DataError(f"codec_chunk_seconds={self.codec_chunk_seconds}: must be > 0")

@@ -4,7 +4,32 @@ as its settings only, each process loads its own models once."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 from data_pipeline.prepare_config import PrepareConfig
+
+
+class Diarizer:
+    """Speaker turns of a mono mix and the main/other split (:mod:`data_pipeline.diarize`) behind
+    the two calls the split stage makes."""
+
+    def __init__(self, cfg):
+        from data_pipeline.speaker_embedding import SpeakerEncoder
+
+        self.cfg = cfg
+        self.encoder = SpeakerEncoder()
+
+    def diarize(self, audio: np.ndarray, sample_rate: int, regions):
+        from data_pipeline.diarize import diarize
+
+        return diarize(audio, sample_rate, regions, self.cfg, self.encoder)
+
+    def split(self, audio: np.ndarray, sample_rate: int, result):
+        from data_pipeline.diarize import split_streams
+
+        return split_streams(audio, sample_rate, result)
 
 
 class StageModels:
@@ -15,9 +40,31 @@ class StageModels:
     def from_config(cls, cfg: PrepareConfig) -> "StageModels":
         return cls(cfg)
 
+    def _uses_diarizer(self) -> bool:
+        return self.cfg.diarize and not self.cfg.stereo_split
+
     def build(self) -> dict:
         """``{"vad", "diarizer", "transcriber", "aligner"}`` (None where a stage is off)."""
-        return {"vad": None, "diarizer": None, "transcriber": None, "aligner": None}
+        parts = {"vad": None, "diarizer": None, "transcriber": None, "aligner": None}
+        if self.cfg.voice_activity:
+            from data_pipeline.vad import SileroVad
+
+            parts["vad"] = SileroVad(self.cfg.vad)
+        if self._uses_diarizer():
+            parts["diarizer"] = Diarizer(self.cfg.diarization)
+        return parts
 
     def identity(self) -> dict:
-        return {"vad": None, "diarizer": None, "asr": None}
+        """What made the shards, for the manifest (model files by sha256, their settings)."""
+        out = {"vad": None, "diarizer": None, "asr": None}
+        if self.cfg.voice_activity:
+            from data_pipeline.vad import SileroVad
+
+            out["vad"] = SileroVad(self.cfg.vad).identity()
+        if self._uses_diarizer():
+            from data_pipeline.prepare import file_sha256
+            from data_pipeline.speaker_embedding import wheel_weights_path
+
+            out["diarizer"] = {"name": "resemblyzer-ge2e (numpy)", "weights_sha256": file_sha256(str(wheel_weights_path())),
+                               **dataclasses.asdict(self.cfg.diarization)}
+        return out

@@ -190,6 +190,8 @@ def _bad_inputs(env, folder: Path) -> dict[str, str]:
     nan[100:200] = np.nan
     wavfile.write(folder / "nans.wav", 24000, nan.astype(np.float32))
     expected["nans.wav"] = "decode"
+    write_wav(folder / "silent.wav", np.zeros((2, 24000 * 3), np.float32), 24000)
+    expected["silent.wav"] = "vad"
     shutil.copy(good[0], folder / "badjson.wav")
     (truth / "badjson.json").write_text("{not json")
     expected["badjson.wav"] = "transcribe"
@@ -222,13 +224,13 @@ def test_bad_inputs_end_in_errors_good_ones_in_shards(env, codec, tmp_path):
         sources |= {Path(json.loads(line)["source"]).name for line in (tmp_path / "out" / s["metadata"]).read_text().splitlines()}
     assert sources == {n for n, st in expected.items() if st is None}
     assert manifest["stats"]["files"] == len(expected)
-    assert manifest["stats"]["failed_by_stage"] == {"decode": 6, "transcribe": 2}
+    assert manifest["stats"]["failed_by_stage"] == {"decode": 6, "transcribe": 2, "vad": 1}
     # --retry-errors redoes the shards with failures; fixed inputs then land in the shards
     (tmp_path / "in" / "truth" / "badjson.json").write_text(json.dumps({"alignments": []}))
     summary = _run(dataclasses.replace(cfg, retry_errors=True), codec)
     manifest = read_manifest(tmp_path / "out", verify=True)
     assert "badjson.wav" not in {Path(e["file"]).name for e in manifest["errors"]}
-    assert manifest["stats"]["failed_by_stage"] == {"decode": 6, "transcribe": 1}
+    assert manifest["stats"]["failed_by_stage"] == {"decode": 6, "transcribe": 1, "vad": 1}
 
 
 def test_loader_crops_deterministic_and_resumable(prepared):
@@ -318,3 +320,26 @@ def test_training_on_prepared_shards_lowers_the_losses(prepared, tmp_path):
     print({k: (round(first[k], 3), round(last[k], 3)) for k in ("text", "semantic", "acoustic")})
     for key in ("text", "semantic", "acoustic"):
         assert last[key] < 0.8 * first[key], key
+
+
+def test_mono_mix_is_diarized_into_main_and_other_streams(env):
+    """A mono conversation: VAD + diarization put the main speaker's voice in the main stream and
+    the other voice in the other stream (truth: the same dialogue rendered in stereo)."""
+    from data_pipeline.analyze import split_stage
+    from data_pipeline.dialogue_synth import dialogue_plan, render_dialogue
+    from data_pipeline.stage_models import StageModels
+
+    d = render_dialogue(dialogue_plan(7, turns=6), seed=7, stereo=True)
+    mix = d.audio.sum(axis=0, keepdims=True)
+    cfg = PrepareConfig(inputs=["x"], output="x", mimi_checkpoint="x")
+    cfg.diarization.num_speakers = 2
+    parts = StageModels(cfg).build()
+    streams = split_stage(mix, cfg, "dialogue", parts["vad"], parts["diarizer"])
+    assert streams.split == "diarized" and len(streams.speakers) == 2 and 0.5 < streams.speech_ratio < 1.0
+    left, right = d.audio  # truth: left = the main speaker alone
+
+    def share(stream, truth):  # fraction of the stream's energy that is that voice
+        return float(np.sum(stream * truth) / max(np.sum(stream * stream), 1e-9))
+
+    assert share(streams.main, left) > 0.9 and share(streams.other, right) > 0.9
+    assert np.sum(streams.main ** 2) > 0.8 * np.sum(left ** 2)  # and most of that voice is kept
