@@ -1,6 +1,7 @@
 """Streaming Moshi generation: per-frame latency of the LM step and of the full duplex loop.
 
     .venv/bin/python bench/bench_generate.py [--frames 100] [--warmup 10] [--batch 1]
+    .venv/bin/python bench/bench_generate.py --batches 1,8,32 --frames 20 --warmup 3   # frames/s per batch
 
 Config (b) of /work/shared/bench-ref/common.py ``LM_B`` (dim 768, 12 layers, depformer 512 x 4,
 full vocabularies, context 3000: 299M params), random weights, fp32, and the full released Mimi
@@ -13,7 +14,9 @@ architecture (random weights) for the loop. Rows:
   frame: Mimi encode of the user's frame -> LM step (greedy) -> Mimi decode of Moshi's codes.
 
 p50/p99 over ``--frames`` frames after ``--warmup`` frames (the first compiles), each frame timed
-to ``block_until_ready``. The real-time budget is 80 ms per frame.
+to ``block_until_ready``. The real-time budget is 80 ms per frame. ``--batches``: the greedy LM
+step and the full loop at each batch size, as frames/s over all streams (batch / p50) and the
+number of real-time conversations that throughput carries (frames/s / 12.5).
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--skip-loop", action="store_true")
+    ap.add_argument("--batches", help="comma-separated batch sizes: frames/s of the LM step and the loop at each")
     args = ap.parse_args()
+    if args.batches:
+        return batched(args)
     from flax import nnx
 
     from moshax.inference.moshi_stream import DuplexLoop, MoshiStream
@@ -97,6 +103,40 @@ def main() -> int:
     for name, ms in rows.items():
         print(f"| {name} | {pct(ms, 50):.1f} | {pct(ms, 99):.1f} | {1e3 * np.mean(ms):.1f} | {pct(ms, 50) / 80:.2f} |")
     print(f"{args.frames} frames timed after {args.warmup} warm-up frames; random weights and inputs")
+    return 0
+
+
+def batched(args) -> int:
+    from flax import nnx
+
+    from moshax.inference.moshi_stream import DuplexLoop, MoshiStream
+    from moshax.inference.sampling import Sampling
+    from moshax.models.mimi.config import MimiConfig
+    from moshax.models.mimi.model import Mimi
+    from moshax.models.moshi_lm import MoshiLM
+
+    header("Moshi streaming generation, config (b), fp32: throughput per batch size")
+    cfg = moshi_config_from_kyutai(LM_B)
+    lm = MoshiLM(cfg, rngs=nnx.Rngs(0))
+    mimi = None if args.skip_loop else Mimi(MimiConfig(), rngs=nnx.Rngs(1))
+    n = args.warmup + args.frames
+    g = np.random.default_rng(0)
+    print("| batch | what | p50 ms / frame | frames/s (all streams) | real-time conversations |")
+    print("|---|---|---|---|---|")
+    for b in [int(x) for x in args.batches.split(",")]:
+        codes = g.integers(0, cfg.card, (n, b, cfg.n_q - cfg.dep_q, 1)).astype(np.int32)
+        gen = MoshiStream(lm, b, Sampling.greedy())
+        ms = run(lambda c: gen.step(c).audio, codes, args.warmup)
+        del gen
+        rows = [("LM step", ms)]
+        if mimi is not None:
+            loop = DuplexLoop(lm, mimi, b, Sampling.greedy())
+            wav = (0.1 * g.standard_normal((n, b, 1, loop.frame_size))).astype(np.float32)
+            rows.append(("full loop", run(lambda x: loop.step(x)[0], wav, args.warmup)))
+            del loop
+        for name, t in rows:
+            fps = b * 1e3 / pct(t, 50)
+            print(f"| {b} | {name} | {pct(t, 50):.1f} | {fps:.1f} | {fps / 12.5:.1f} |", flush=True)
     return 0
 
 
