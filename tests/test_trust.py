@@ -129,7 +129,7 @@ def _cut_files(step_dir: Path) -> None:
 
 
 def test_corrupt_checkpoints_outside_training_are_one_line(tmp_path, capsys):
-    """mimi encode / decode, eval and convert to-kyutai on checkpoints whose files are cut short:
+    """mimi encode / decode, eval, convert to-kyutai and generate on checkpoints whose files are cut short:
     exit 2 and one line naming the checkpoint (the report: 119-419 lines of traceback)."""
     import jax
     from flax import nnx
@@ -162,6 +162,27 @@ def test_corrupt_checkpoints_outside_training_are_one_line(tmp_path, capsys):
         ["convert", "to-kyutai", "--model", "mimi", "--checkpoint", str(ckpt), "--output",
          str(tmp_path / "m.safetensors")],
     ]
+    # generate: a cut Mimi beside a good LM, and a cut LM
+    lcfg = from_dict({"model": {"kind": "moshi", "text_card": 32, "card": 16, "n_q": 4, "dep_q": 2,
+                                "delays": [0, 0, 1, 0, 1],
+                                "transformer": {"dim": 16, "num_heads": 2, "num_layers": 1, "hidden_dim": 32,
+                                                "context": 8},
+                                "depformer": {"dim": 16, "num_heads": 2, "num_layers": 1, "hidden_dim": 32,
+                                              "context": 4, "positional": "none"}}}).model
+    from moshax.models.moshi_lm import MoshiLM
+
+    lm = nnx.eval_shape(lambda: MoshiLM(lcfg, rngs=nnx.Rngs(0)))
+    _, lp, lr = nnx.split(lm, nnx.Param, ...)
+    good_lm = save_model_checkpoint(tmp_path / "lm", fill(lp), fill(lr), config=to_dict(lcfg), kind="moshi", source="t")
+    cut_lm = save_model_checkpoint(tmp_path / "lm_cut", fill(lp), fill(lr), config=to_dict(lcfg), kind="moshi",
+                                   source="t")
+    _cut_files(cut_lm / "0")
+    gen = ["generate", "--input", str(tmp_path / "in.wav"), "--output", str(tmp_path / "moshi.wav")]
+    for cmd, where in ((gen + ["--checkpoint", str(good_lm), "--mimi-checkpoint", str(ckpt)], ckpt),
+                       (gen + ["--checkpoint", str(cut_lm), "--mimi-checkpoint", str(ckpt)], cut_lm)):
+        assert main(cmd) == 2, cmd
+        line = _one_line(capsys.readouterr().err)
+        assert "checkpoint is unreadable" in line and str(where / "0") in line, (cmd, line)
     for cmd in commands:
         assert main(cmd) == 2, cmd
         line = _one_line(capsys.readouterr().err)
