@@ -3,7 +3,7 @@
     moshax train --config configs/helium_tiny.yaml [--workdir DIR] [--allow-config-change] [key=value ...]
     moshax config show --config CFG [key=value ...]
     moshax tokenizer train --input FILE [FILE ...] --vocab-size N --output PREFIX
-    moshax compile --config CFG --topology v5p:4x4x4 [--step train|decode] [key=value ...]
+    moshax compile --config CFG --topology v5p:4x4x4 [--step train|decode] [--sweep] [key=value ...]
     moshax launch tpu-vm ... [--dry-run] | moshax launch gke ...
     moshax data corpus|tokenize|synth-multistream|speech|synth-dialogues|... (DATA_COMMANDS)
     moshax convert | mimi | eval ...   (commands/)
@@ -110,6 +110,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     log = lambda line: print(line, flush=True)  # noqa: E731 - phases: minutes of work on a 7B config
+    if args.sweep:
+        ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+        rows = aot.sweep_layouts(cfg, make_task, args.topology, tensors=ints(args.sweep_tensor),
+                                 remats=tuple(args.sweep_remat.split(",")), accums=ints(args.sweep_micro_batches),
+                                 log=log)
+        print(aot.format_sweep(rows, args.topology))
+        return 0 if any(not r.error for r in rows) else 3
     if args.step == "decode":
         report = aot.compile_decode_step(cfg, args.topology, batch=args.batch, log=log)  # no training task needed
     else:
@@ -118,8 +125,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.json:
         import dataclasses
 
-        Path(args.json).write_text(json.dumps(dataclasses.asdict(report) | {"total_bytes": report.total_bytes,
-                                                                             "fits": report.fits}, indent=2))
+        extra = {"total_bytes": report.total_bytes, "fits": report.fits}
+        if report.roofline is not None:
+            rf = report.roofline
+            extra["predicted"] = {"step_seconds": rf.step_s, "bound": rf.bound, "compute_seconds": rf.compute_s,
+                                  "hbm_seconds": rf.memory_s, "ici_seconds": rf.comm_s, "mfu_bound": rf.mfu_bound}
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report) | extra, indent=2, default=str))
     if not report.fits:
         print(f"moshax: error: {cfg.name} does not fit on {args.topology}: {report.total_bytes / aot.GiB:.1f} GiB "
               f"per chip > {report.hbm_bytes / aot.GiB:.1f} GiB HBM", file=sys.stderr)
@@ -231,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", choices=["train", "decode"], default="train",
                    help="train: the full train step; decode: one streaming inference step with a KV cache")
     p.add_argument("--batch", type=int, default=1, help="sequences per decode step (--step decode)")
+    p.add_argument("--sweep", action="store_true",
+                   help="compile every fsdp x tensor / remat / micro-batch layout, ranked by predicted step time")
+    p.add_argument("--sweep-tensor", default="1,2,4,8", help="tensor-parallel sizes to try (--sweep)")
+    p.add_argument("--sweep-remat", default="full,dots", help="remat policies to try (--sweep)")
+    p.add_argument("--sweep-micro-batches", default="1,2", help="gradient-accumulation steps to try (--sweep)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_compile)
 

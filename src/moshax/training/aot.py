@@ -75,6 +75,7 @@ class CompileReport:
     collectives: dict
     largest: list = field(default_factory=list)
     model_flops: float | None = None  # analytic training FLOPs per chip per step (6N + 12LdT)
+    roofline: object | None = None  # moshax.parallel.roofline.Roofline (TPU topologies)
 
     @property
     def total_bytes(self) -> int:
@@ -101,6 +102,8 @@ class CompileReport:
         if self.model_flops is not None:
             lines.append(f"model FLOPs per step per chip (6N + 12LdT): {self.model_flops:.3e}")
         lines.append("collectives: " + (", ".join(f"{k} x{v}" for k, v in self.collectives.items() if v) or "none"))
+        if self.roofline is not None:
+            lines.extend(self.roofline.format())
         if self.largest:
             lines.append("largest arrays (global shape, sharding, bytes per chip):")
             for path, shape, spec, per_chip in self.largest:
@@ -181,12 +184,32 @@ def compile_train_step(cfg: Config, task, topology: str, log=None) -> CompileRep
                              f"{dict(mesh.shape)}: {line.strip()[:300]}") from None
         raise
     args, out, temp, alias = _memory(compiled)
+    seconds = time.perf_counter() - t0
+    from moshax.parallel.roofline import roofline
+    from moshax.parallel.tpu_facts import tpu_family
+
+    model_flops = task.flops_per_example() * cfg.train.batch_size / len(devices)
+    tokens = tokens_per_example(cfg)
     return CompileReport(
         name=f"{cfg.name} train step", topology=topology, num_devices=len(devices), mesh=dict(mesh.shape),
         argument_bytes=args, output_bytes=out, temp_bytes=temp, alias_bytes=alias, hbm_bytes=hbm_per_chip(topology),
-        flops=_flops(compiled), compile_seconds=time.perf_counter() - t0,
+        flops=_flops(compiled), compile_seconds=seconds,
         collectives=count_collectives(compiled.as_text()), largest=_largest_arrays(trainer.abstract_state),
-        model_flops=task.flops_per_example() * cfg.train.batch_size / len(devices))
+        model_flops=model_flops,
+        roofline=roofline(compiled, tpu_family(topology), len(devices), model_flops,
+                          tokens * cfg.train.batch_size / len(devices) if tokens else None))
+
+
+def tokens_per_example(cfg: Config) -> int | None:
+    """Time steps one example trains on: text tokens (Helium), 12.5 Hz frames (Moshi, Mimi)."""
+    data = cfg.data
+    if getattr(data, "seq_len", None):
+        return int(data.seq_len)
+    if getattr(data, "frames", None):
+        return int(data.frames)
+    if getattr(data, "crop_seconds", None):
+        return int(round(data.crop_seconds * getattr(cfg.model, "frame_rate", 12.5)))
+    return None
 
 
 def compile_decode_step(cfg: Config, topology: str, batch: int = 1, log=None) -> CompileReport:
@@ -345,3 +368,75 @@ def mimi_decode_step(cfg: Config, topology: str, batch: int = 1) -> CompileRepor
         return enc, audio, state
 
     return _compile_stream_step(cfg, topology, batch, "decode step (codec frame: encode + decode)", inputs, run)
+
+
+# ----------------------------------------------------------------------------- layout sweep
+
+
+@dataclass
+class SweepRow:
+    label: str
+    report: CompileReport | None
+    error: str = ""
+
+    @property
+    def step_s(self) -> float:
+        r = self.report.roofline if self.report is not None else None
+        return r.step_s if r is not None else float("inf")
+
+
+def _with_layout(cfg: Config, tensor: int, fsdp: int, remat: str, accum: int) -> Config:
+    import dataclasses
+
+    model = cfg.model
+    for name in ("transformer", "depformer"):
+        sub = getattr(model, name, None)
+        if sub is not None and hasattr(sub, "remat"):
+            model = dataclasses.replace(model, **{name: dataclasses.replace(sub, remat=remat)})
+    return dataclasses.replace(cfg, model=model, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=fsdp, tensor=tensor),
+                               train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
+
+
+def sweep_layouts(cfg: Config, make_task, topology: str, *, tensors=(1, 2, 4, 8), remats=("full", "dots"),
+                  accums=(1, 2), log=None) -> list[SweepRow]:
+    """Compile the train step for each (fsdp x tensor, remat policy, micro-batches) that divides the
+    slice; rows ranked by predicted step time (layouts that do not fit or do not divide last, with
+    the reason)."""
+    n = len(topology_devices(topology))
+    rows = []
+    for tensor in tensors:
+        if tensor > n or n % tensor:
+            continue
+        for remat in dict.fromkeys(remats):
+            for accum in accums:
+                label = f"fsdp={n // tensor} tensor={tensor} remat={remat} micro-batches={accum}"
+                if cfg.train.batch_size % accum:
+                    rows.append(SweepRow(label, None, f"batch {cfg.train.batch_size} not divisible by {accum}"))
+                    continue
+                if log:
+                    log(f"sweep: {label}")
+                try:
+                    variant = _with_layout(cfg, tensor, n // tensor, remat, accum)
+                    variant.validate() if hasattr(variant, "validate") else None
+                    report = compile_train_step(variant, make_task(variant), topology)
+                    rows.append(SweepRow(label, report, "" if report.fits else "does not fit"))
+                except (ConfigError, ValueError) as e:
+                    rows.append(SweepRow(label, None, str(e).splitlines()[0][:160]))
+    rows.sort(key=lambda r: (bool(r.error), r.step_s))
+    return rows
+
+
+def format_sweep(rows: list[SweepRow], topology: str) -> str:
+    out = [f"layouts on {topology}, ranked by predicted step time (roofline; fits only first):",
+           f"{'layout':<52} {'step ms':>9} {'bound':>8} {'tokens/s/chip':>14} {'MFU bound':>9} {'GiB/chip':>9}"]
+    for r in rows:
+        if r.report is not None and r.report.roofline is not None and not r.error:
+            rf = r.report.roofline
+            tps = rf.tokens_per_step_per_chip / rf.step_s if rf.tokens_per_step_per_chip else float("nan")
+            mfu = f"{rf.mfu_bound:.1%}" if rf.mfu_bound is not None else "-"
+            out.append(f"{r.label:<52} {rf.step_s * 1e3:9.2f} {rf.bound:>8} {tps:14,.0f} {mfu:>9} "
+                       f"{r.report.total_bytes / GiB:9.2f}")
+        else:
+            mem = f" ({r.report.total_bytes / GiB:.1f} GiB/chip)" if r.report is not None else ""
+            out.append(f"{r.label:<52} {'-':>9} skipped: {r.error}{mem}")
+    return "\n".join(out)
