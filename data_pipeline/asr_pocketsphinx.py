@@ -4,7 +4,8 @@
   is added first: PocketSphinx's features break on digital silence (exact zeros, as between the
   words of synthesized or channel-separated audio) — measured, alignment of such a file fails
   outright and recognition degrades; real recordings already have a noise floor far above it.
-* Recognition cuts long audio into utterances of at most ``MAX_UTTERANCE_SEC`` at the quietest
+* Every file starts from fresh feature state (cepstral mean, noise estimate): results do not
+  depend on which file a worker decoded before. Recognition cuts long audio into utterances of at most ``MAX_UTTERANCE_SEC`` at the quietest
   10 ms frame near each cut, feeds each in chunks, and reads the word segments (100 frames/s);
   silences and fillers (``<s>``, ``</s>``, ``<sil>``, ``[NOISE]``, ``[SPEECH]``) are dropped and
   alternate pronunciations (``the(2)``) become the word.
@@ -38,6 +39,13 @@ def _decoder():
     import pocketsphinx
 
     return pocketsphinx.Decoder(loglevel="FATAL")
+
+
+def _reset(decoder):
+    """Fresh feature state (cepstral mean, noise estimate): the same audio gives the same words
+    whatever the decoder heard before (they otherwise carry over from file to file)."""
+    decoder.reinit_feat()
+    return decoder
 
 
 def _pcm16(audio: np.ndarray) -> np.ndarray:
@@ -93,7 +101,8 @@ class PocketsphinxTranscriber(Transcriber):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self):
+    def __init__(self, max_utterance_sec: float = MAX_UTTERANCE_SEC):
+        self.max_utterance_sec = max_utterance_sec
         self._decoder = None
 
     def __getstate__(self):
@@ -111,8 +120,9 @@ class PocketsphinxTranscriber(Transcriber):
 
     def _transcribe(self, audio16k: np.ndarray) -> list[Word]:
         pcm = _pcm16(audio16k)
+        _reset(self.decoder)
         words: list[Word] = []
-        for start, stop in _utterance_bounds(audio16k):
+        for start, stop in _utterance_bounds(audio16k, self.max_utterance_sec):
             _decode(self.decoder, pcm[start:stop])
             words.extend(_segment_words(self.decoder, start / SAMPLE_RATE))
         return words
@@ -160,7 +170,7 @@ def align_text(audio: np.ndarray, sample_rate: int, text: str, *, source: str = 
     if not tokens:
         return []
     audio = resample(np.asarray(audio, np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
-    decoder = decoder or _decoder()
+    decoder = _reset(decoder or _decoder())
     forms = [f if decoder.lookup_word(f) is not None else UNKNOWN_WORD for _, f in tokens]
     try:
         decoder.set_align_text(" ".join(forms))
@@ -177,6 +187,6 @@ def align_text(audio: np.ndarray, sample_rate: int, text: str, *, source: str = 
 
 
 def unknown_words(text: str) -> list[str]:
-    """The words of ``text`` the bundled dictionary does not know (aligned as ``[SPEECH]``)."""
+    """The words of ``text`` (dictionary form) the bundled dictionary does not know: aligned as ``[SPEECH]``."""
     decoder = _decoder()
-    return [t for t, f in _tokens(text) if decoder.lookup_word(f) is None]
+    return [f for _, f in _tokens(text) if decoder.lookup_word(f) is None]

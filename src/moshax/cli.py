@@ -178,6 +178,8 @@ DATA_COMMANDS = [
      "data_pipeline.speech_synth", "add_speech_arguments", "speech_command"),
     ("synth-dialogues", "eSpeak NG two/three-voice dialogues with exact word times and speaker turns",
      "data_pipeline.dialogue_synth", "add_dialogue_arguments", "dialogue_command"),
+    ("transcribe", "word times for audio files (pocketsphinx | whisper:DIR, sidecars, forced alignment)",
+     "data_pipeline.transcripts", "add_transcribe_arguments", "transcribe_command"),
 ]
 
 
