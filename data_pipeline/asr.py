@@ -1,4 +1,4 @@
-"""Speech recognition with word times: which engine, and the one interface every engine has.
+"""Speech recognition with word times: which engine a config names, and how to make it.
 
 ``AsrConfig.engine`` picks it:
 
@@ -6,7 +6,7 @@
 * ``"pocketsphinx"``: CMU PocketSphinx with the en-us model its wheel ships (CPU, no download);
 * ``"whisper:DIR"``: an openai-whisper checkpoint (``DIR/*.pt``, or the ``.pt`` file itself).
 
-A :class:`Transcriber` maps mono float32 audio to sorted :class:`~data_pipeline.text_stream.Word`
+A :class:`~data_pipeline.transcriber.Transcriber` maps mono float32 audio to sorted :class:`~data_pipeline.text_stream.Word`
 lists (seconds from the start of the audio) and names itself for manifests (:meth:`identity`).
 Transcribers travel to Grain worker processes by pickle: each loads its model on first use and
 drops it when pickled. Importing this module loads no engine (no torch, no pocketsphinx).
@@ -17,10 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from data_pipeline.errors import DataError
-from data_pipeline.text_stream import Word
+from data_pipeline.transcriber import Transcriber
 
 ENGINES = ("none", "pocketsphinx", "whisper:DIR")
 
@@ -61,33 +59,6 @@ def whisper_checkpoint(where: str) -> Path:
         what = "no *.pt file" if not found else f"{len(found)} *.pt files ({', '.join(p.name for p in found)})"
         raise DataError(f"{where}: expected one openai-whisper checkpoint (*.pt), found {what}")
     return found[0]
-
-
-class Transcriber:
-    """Audio -> words with times. Subclasses implement :meth:`_transcribe` and :meth:`identity`."""
-
-    #: the rate the engine works at; :meth:`transcribe` resamples to it
-    sample_rate = 16000
-
-    def transcribe(self, audio: np.ndarray, sample_rate: int) -> list[Word]:
-        """Words in ``audio`` (mono float32 ``[samples]``), sorted by start, times in seconds."""
-        from data_pipeline.audio import resample
-
-        audio = np.asarray(audio, np.float32)
-        if audio.ndim != 1:
-            raise DataError(f"transcribe: expected mono audio [samples], got shape {audio.shape}")
-        audio = resample(audio, int(sample_rate), self.sample_rate)
-        words = self._transcribe(audio)
-        duration = audio.size / self.sample_rate
-        clipped = [Word(w.text, min(max(w.start, 0.0), duration), min(max(w.end, w.start, 0.0), duration), w.speaker)
-                   for w in words]
-        return sorted(clipped, key=lambda w: (w.start, w.end))
-
-    def _transcribe(self, audio16k: np.ndarray) -> list[Word]:
-        raise NotImplementedError
-
-    def identity(self) -> dict:
-        raise NotImplementedError
 
 
 def make_transcriber(cfg: AsrConfig) -> Transcriber | None:

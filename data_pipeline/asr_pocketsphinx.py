@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from data_pipeline.asr import Transcriber
+from data_pipeline.transcriber import Transcriber
 from data_pipeline.errors import DataError
 from data_pipeline.text_stream import Word
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.asr import Transcriber
+from data_pipeline.transcriber import Transcriber
 from data_pipeline.errors import DataError
 from data_pipeline.text_stream import Word
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.asr import AsrConfig, Transcriber, make_transcriber
+from data_pipeline.asr import AsrConfig, make_transcriber
+from data_pipeline.transcriber import Transcriber
 from data_pipeline.errors import DataError
 from data_pipeline.text_stream import Word, check_words_in_audio, read_words, write_words
 

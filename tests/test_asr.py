@@ -68,7 +68,7 @@ def test_config_rejects_bad_engines_in_one_line(tmp_path):
 
 
 def test_importing_the_asr_modules_loads_no_engine():
-    code = ("import sys, data_pipeline.asr, data_pipeline.asr_pocketsphinx, data_pipeline.asr_whisper, "
+    code = ("import sys, data_pipeline.asr, data_pipeline.transcriber, data_pipeline.asr_pocketsphinx, data_pipeline.asr_whisper, "
             "data_pipeline.transcripts; print(sorted(m for m in ('torch', 'pocketsphinx', 'whisper', 'moshax') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
