@@ -5,7 +5,8 @@
   words of synthesized or channel-separated audio) — measured, alignment of such a file fails
   outright and recognition degrades; real recordings already have a noise floor far above it.
 * Every file starts from fresh feature state (cepstral mean, noise estimate): results do not
-  depend on which file a worker decoded before. Recognition cuts long audio into utterances of at most ``MAX_UTTERANCE_SEC`` at the quietest
+  depend on which file a worker decoded before.
+* Recognition cuts long audio into utterances of at most ``MAX_UTTERANCE_SEC`` at the quietest
   10 ms frame near each cut, feeds each in chunks, and reads the word segments (100 frames/s);
   silences and fillers (``<s>``, ``</s>``, ``<sil>``, ``[NOISE]``, ``[SPEECH]``) are dropped and
   alternate pronunciations (``the(2)``) become the word.
@@ -24,9 +25,9 @@ import threading
 
 import numpy as np
 
-from data_pipeline.transcriber import Transcriber
 from data_pipeline.errors import DataError
 from data_pipeline.text_stream import Word
+from data_pipeline.transcriber import Transcriber
 
 SAMPLE_RATE = 16000
 FRAMES_PER_SEC = 100
@@ -52,7 +53,7 @@ def _reset(decoder):
 
 def _pcm16(audio: np.ndarray) -> np.ndarray:
     """int16 samples with the noise floor added (same audio, same noise: results repeat)."""
-    noise = np.random.default_rng(0).standard_normal(audio.size).astype(np.float32) * NOISE_FLOOR
+    noise = np.random.default_rng(0).standard_normal(audio.size, dtype=np.float32) * NOISE_FLOOR
     return (np.clip(audio + noise, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
@@ -104,7 +105,9 @@ class PocketsphinxTranscriber(Transcriber):
     sample_rate = SAMPLE_RATE
 
     def __init__(self, max_utterance_sec: float = MAX_UTTERANCE_SEC):
-        self.max_utterance_sec = max_utterance_sec
+        if not max_utterance_sec >= 1.0:
+            raise DataError(f"max_utterance_sec={max_utterance_sec}: at least 1 s")
+        self.max_utterance_sec = float(max_utterance_sec)
         self._decoder = None
 
     def __getstate__(self):

@@ -126,6 +126,10 @@ def transcribe_command(args) -> int:
     from tqdm.auto import tqdm
 
     out, written, words_total = Path(args.output), 0, 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--output {out}: cannot create the directory ({e.strerror or type(e).__name__})") from None
     stems: dict[str, str] = {}
     for path in tqdm(files, desc="transcribe", unit="file"):
         try:
@@ -137,7 +141,7 @@ def transcribe_command(args) -> int:
             tqdm.write(f"moshax: error: {e}", file=sys.stderr)
             failed += 1
             continue
-        write_words(out / f"{Path(path).stem}.json", words)
+        write_words(out / f"{stem}.json", words)
         written, words_total = written + 1, words_total + len(words)
     print(f"wrote {written} transcript(s), {words_total} words, to {out}"
           + (f"; {failed} failed (see above)" if failed else ""))

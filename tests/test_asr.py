@@ -86,10 +86,11 @@ def test_pocketsphinx_word_error_rate_and_word_times(dialogues, recognized):
     scores = jiwer.process_words(ref, hyp)
     print(f"pocketsphinx WER on eSpeak NG main-speaker channels: {scores.wer:.3f} ({len(ref.split())} words, "
           f"{scores.hits} right)")
-    # Measured 0.943 (9 of 35 words right, many insertions): the en-us model hears eSpeak's isolated words poorly
-    # (0.88-1.3 per dialogue over the settings tried). This guards the plumbing (silence or a
-    # broken sample rate, channel or int16 scaling give WER >= 1 and no hits), not the model.
-    assert scores.wer < 1.0 and scores.hits >= 4
+    # Measured WER 1.00 with 7 of 35 words right. PocketSphinx's en-us model hears eSpeak poorly
+    # (WER 0.87-0.98 even on whole synthesized sentences), so WER cannot tell a broken pipeline
+    # apart here (the other speaker's channel: 0.94); the hits can (that channel: 2, 100x gain: 1),
+    # and the word times below can (a wrong sample rate or channel puts words off the speech).
+    assert scores.wer < 1.1 and scores.hits >= 4
     # Recognized words sit on the main speaker's speech (the times are right even where the words are not).
     for words, (_, left, truth) in zip(results, dialogues):
         assert words and all(0 <= w.start <= w.end <= left.size / SR for w in words)
