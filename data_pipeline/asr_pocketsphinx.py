@@ -13,7 +13,8 @@
 * :func:`align_text` aligns a known transcript (PocketSphinx's alignment search). Words the
   dictionary does not know (no grapheme-to-phoneme model ships) are aligned as ``[SPEECH]``,
   the model's "some spoken word" filler, so they still get times from the audio and keep their
-  text. Punctuation-only tokens stick to the word before them. The whole text is one search
+  text; a hyphenated word the dictionary lacks is said as its parts when it knows them
+  (``thirty-six``). Punctuation-only tokens stick to the word before them. The whole text is one search
   (default beams, then wider ones when the path is lost, as on files of minutes). A transcript
   that does not fit the audio fails both: one :class:`DataError` line.
 """
@@ -145,8 +146,9 @@ class PocketsphinxTranscriber(Transcriber):
 
 
 def dictionary_form(token: str) -> str:
-    """How ``token`` is spelled in the CMU dictionary: lower case, letters/digits/apostrophes only."""
-    return re.sub(r"[^\w']", "", token.lower()).strip("'_")
+    """How ``token`` is spelled in the CMU dictionary: lower case; letters, digits, apostrophes
+    and inner hyphens only."""
+    return re.sub(r"[^\w'-]", "", token.lower()).strip("'-_")
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -160,6 +162,17 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             continue
         out.append([token, form])
     return [(t, f) for t, f in out]
+
+
+def _spoken_as(form: str, decoder) -> list[str]:
+    """The dictionary words that say ``form``: itself; else its hyphen-separated parts when the
+    dictionary knows each (``thirty-six``); else ``[SPEECH]``."""
+    if decoder.lookup_word(form) is not None:
+        return [form]
+    parts = [p for p in form.split("-") if p]
+    if len(parts) > 1 and all(decoder.lookup_word(p) is not None for p in parts):
+        return parts
+    return [UNKNOWN_WORD]
 
 
 # Alignment tries the default beams first, then these wide ones: the default search loses the
@@ -204,17 +217,23 @@ def align_text(audio: np.ndarray, sample_rate: int, text: str, *, source: str = 
     audio = resample(np.asarray(audio, np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
     pcm = _pcm16(audio)
     decoder = _aligner(wide=False)
-    forms = [f if decoder.lookup_word(f) is not None else UNKNOWN_WORD for _, f in tokens]
+    spoken = [_spoken_as(f, decoder) for _, f in tokens]
+    forms = [word for words in spoken for word in words]
     aligned = _align_once(decoder, forms, pcm, source) or _align_once(_aligner(wide=True), forms, pcm, source)
     if aligned is None:
         raise DataError(f"{source}: forced alignment failed ({len(tokens)} words in {audio.size / SAMPLE_RATE:.1f} s "
                         f"of audio; does the text match the audio?)")
     duration = audio.size / SAMPLE_RATE
-    return [Word(written, min(s.start_frame / FRAMES_PER_SEC, duration),
-                 min((s.end_frame + 1) / FRAMES_PER_SEC, duration)) for (written, _), s in zip(tokens, aligned)]
+    out, i = [], 0
+    for (written, _), words in zip(tokens, spoken):  # a token said as several words spans them all
+        first, last = aligned[i], aligned[i + len(words) - 1]
+        i += len(words)
+        out.append(Word(written, min(first.start_frame / FRAMES_PER_SEC, duration),
+                        min((last.end_frame + 1) / FRAMES_PER_SEC, duration)))
+    return out
 
 
 def unknown_words(text: str) -> list[str]:
     """The words of ``text`` (dictionary form) the bundled dictionary does not know: aligned as ``[SPEECH]``."""
     decoder = _aligner(wide=False)
-    return [f for _, f in _tokens(text) if decoder.lookup_word(f) is None]
+    return [f for _, f in _tokens(text) if _spoken_as(f, decoder) == [UNKNOWN_WORD]]

@@ -150,6 +150,7 @@ def test_alignment_of_unknown_words_and_of_text_that_does_not_fit(dialogues):
     tokens[2] = "Zorblaxian"  # not in the dictionary: aligned as [SPEECH] over the word spoken there
     text = " ".join(tokens[:3]) + " — " + " ".join(tokens[3:])
     assert unknown_words(text) == ["zorblaxian"]
+    assert unknown_words("Thirty-six x-ray zorb-quux.") == ["zorb-quux"]  # hyphenated: said as its known parts
     words = align_text(left, SR, text)
     assert [w.text for w in words][:4] == tokens[:2] + ["Zorblaxian —", tokens[3]]
     assert abs(words[2].start - truth[2].start) < 0.3
