@@ -192,7 +192,7 @@ def test_sidecars_json_txt_none_and_broken(dialogues, tmp_path):
 # --------------------------------------------------------------------------------- whisper
 
 
-def test_whisper_checkpoint_transcribes_offline_with_word_times(tmp_path, dialogues):
+def test_whisper_checkpoint_transcribes_offline_with_word_times(tmp_path, dialogues, monkeypatch):
     torch = require_module("torch")
     require_module("whisper", "openai-whisper (pip install --no-deps openai-whisper tiktoken more-itertools numba)")
     from whisper.model import ModelDimensions, Whisper
@@ -206,6 +206,12 @@ def test_whisper_checkpoint_transcribes_offline_with_word_times(tmp_path, dialog
     transcriber.max_tokens = 16  # keep the random model's decode short (CPU)
     _, left, _ = dialogues[0]
     audio = left[: 4 * SR]
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("whisper transcription tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # tokenizer vocab, model: all local
     words = transcriber.transcribe(np.repeat(audio, 3)[::2], 24000)  # resampled to 16 kHz inside
     assert words, "the seeded random model should emit words"
     assert all(0 <= w.start <= w.end <= 4.0 + 1e-6 for w in words) and all(w.text.strip() for w in words)
