@@ -33,16 +33,27 @@ class AsrConfig:
 
     def validate(self) -> "AsrConfig":
         engine = self.engine.strip()
-        if engine in ("none", "pocketsphinx"):
-            if engine == "pocketsphinx" and self.language != "en":
+        if engine == "pocketsphinx":
+            _require("pocketsphinx", "pocketsphinx")
+            if self.language != "en":
                 raise DataError(f"asr engine pocketsphinx: only language 'en' is shipped, got {self.language!r}")
         elif engine.startswith("whisper:"):
             whisper_checkpoint(engine.split(":", 1)[1])
-        else:
+            _require("whisper", "openai-whisper (pip install tiktoken more-itertools numba torch; "
+                                "pip install --no-deps openai-whisper)")
+        elif engine != "none":
             raise DataError(f"asr engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.transcripts and not Path(self.transcripts).is_dir():
             raise DataError(f"transcripts directory not found: {self.transcripts}")
         return self
+
+
+def _require(module: str, package: str) -> None:
+    """A missing engine package is a one-line setup error, not a traceback at the first file."""
+    from importlib.util import find_spec
+
+    if find_spec(module) is None:
+        raise DataError(f"the {module} engine needs {package}, which is not installed")
 
 
 def whisper_checkpoint(where: str) -> Path:
