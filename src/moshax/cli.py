@@ -195,6 +195,8 @@ DATA_COMMANDS = [
      "moshax.commands.data_prepare", "add_inspect_arguments", "inspect_command"),
     ("diarize", "who speaks when: voice activity (Silero VAD) and speaker turns, written as RTTM",
      "data_pipeline.diarize", "add_diarize_arguments", "diarize_command"),
+    ("transcribe", "word times for audio files (pocketsphinx | whisper:DIR, sidecars, forced alignment)",
+     "data_pipeline.transcripts", "add_transcribe_arguments", "transcribe_command"),
 ]
 
 
