@@ -14,6 +14,9 @@ $(BIN)/moshax: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,tpu,tfds,audio]'
 	# model files of the data-analysis stages (their declared deps are not needed: see pyproject.toml)
 	$(BIN)/pip install -q --no-deps 'silero-vad==6.2.3' 'resemblyzer==0.1.4' 'pocketsphinx==5.1.1'
+	# the Whisper path (tests build a random-weight Whisper in-process): openai-whisper without triton
+	$(BIN)/pip install -q 'tiktoken>=0.7' 'more-itertools>=10' 'numba>=0.60'
+	$(BIN)/pip install -q --no-deps 'openai-whisper==20250625'
 	# the PyTorch reference, for parity tests only (its pins are old: install it without deps)
 	$(BIN)/pip install -q 'torch==2.13.0' 'huggingface-hub>=0.24,<1.0' einops sphn
 	$(BIN)/pip install -q --no-deps 'moshi==0.2.13'
@@ -61,7 +64,7 @@ data-quickstart: $(DATA)/tokenizer/spm.model $(DATA)/mimi_random/.done $(DIALOGU
 	for split in train eval; do \
 		$(BIN)/moshax data prepare --config configs/data_prepare.yaml --input $(DIALOGUES)/$$split \
 			--output $(DATA)/dialogue_shards/$$split --mimi-checkpoint $(DATA)/mimi_random \
-			--tokenizer $(DATA)/tokenizer/spm.model --transcripts $(DIALOGUES)/$$split/truth || exit 1; \
+			--tokenizer $(DATA)/tokenizer/spm.model --transcripts $(DIALOGUES)/$$split/truth diarization.num_speakers=2 || exit 1; \
 	done
 	$(BIN)/moshax data inspect $(DATA)/dialogue_shards/train
 	$(BIN)/moshax train --config configs/moshi_tiny.yaml --workdir runs/moshi_dialogues task.init_from= \

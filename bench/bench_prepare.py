@@ -84,8 +84,10 @@ def main() -> int:
     if not args.input:
         synthesize_dialogues(src, args.dialogues, seed=11, turns=10)
     files = list_audio_files([str(src)])
+    from data_pipeline.asr import AsrConfig
+
     cfg = PrepareConfig(inputs=[str(src)], output=str(tmp / "out"), mimi_checkpoint="-",
-                        transcripts=str(src / "truth") if (src / "truth").is_dir() else "")
+                        asr=AsrConfig(transcripts=str(src / "truth") if (src / "truth").is_dir() else ""))
     cfg.diarization.num_speakers = 2
     parts = StageModels(cfg).build()
     rows = []
@@ -106,7 +108,7 @@ def main() -> int:
     streams = stage("VAD + diarization + split", lambda a: split_stage(a, cfg, "x", parts["vad"], parts["diarizer"]),
                     audio)
     words = [words_stage(f, s, cfg)[0] for f, s in zip(files, streams)]
-    if cfg.transcripts:
+    if cfg.asr.transcripts:
         from data_pipeline.tokenizer import train_tokenizer
         from data_pipeline.corpus import write_corpus
         from data_pipeline.text_stream import encoder_for

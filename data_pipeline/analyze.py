@@ -23,7 +23,7 @@ from data_pipeline.audio import read_audio
 from data_pipeline.errors import DataError
 from data_pipeline.prepare_config import PrepareConfig
 from data_pipeline.prepare_plan import FileItem
-from data_pipeline.text_stream import FRAME_RATE, Word, check_words_in_audio, encoder_for, read_words, text_stream
+from data_pipeline.text_stream import FRAME_RATE, Word, encoder_for, text_stream
 
 SAMPLE_RATE = 24000
 STAGES = ("decode", "vad", "diarize", "transcribe", "align", "tokenize", "write")
@@ -119,16 +119,6 @@ def split_stage(audio: np.ndarray, cfg: PrepareConfig, path: str, vad=None, diar
     return Streams(main, other, "diarized", speech_ratio, dict(result.talk_time), result.main_speaker)
 
 
-def sidecar_path(path: str, transcripts: str) -> Path | None:
-    """``DIR/STEM.json`` or ``DIR/STEM.txt`` for ``.../STEM.wav`` (None if neither exists)."""
-    stem = Path(path).stem
-    for ext in (".json", ".txt"):
-        p = Path(transcripts) / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
 def main_speaker_words(words: list[Word]) -> list[Word]:
     """A sidecar with several speakers: the words of the one who talks longest (the main speaker,
     the same rule diarization uses)."""
@@ -141,26 +131,24 @@ def main_speaker_words(words: list[Word]) -> list[Word]:
     return [w for w in words if w.speaker == main]
 
 
-def words_stage(path: str, streams: Streams, cfg: PrepareConfig, transcriber=None, aligner=None
-                ) -> tuple[list[Word] | None, str]:
-    """The main speaker's words with times, and where they came from."""
-    if cfg.transcripts:
-        side = sidecar_path(path, cfg.transcripts)
-        if side is not None and side.suffix == ".json":
-            try:
-                words = read_words(side)
-                check_words_in_audio(words, streams.duration, str(side))
-            except DataError as e:
-                raise StageError("transcribe", str(e)) from None
-            return main_speaker_words(words), "sidecar"
+def words_stage(path: str, streams: Streams, cfg: PrepareConfig, transcriber=None) -> tuple[list[Word] | None, str]:
+    """The main speaker's words with times, and where they came from: a sidecar in
+    ``asr.transcripts`` (``STEM.json`` word times; ``STEM.txt`` force-aligned on the main stream),
+    else the recognizer on the main stream, else none."""
+    from data_pipeline.transcripts import find_sidecar, sidecar_words
+
+    if cfg.asr.transcripts:
+        side = find_sidecar(path, cfg.asr.transcripts)
         if side is not None:
-            if aligner is None:
-                raise StageError("align", f"{side}: plain-text transcript, but no aligner is available")
+            stage = "transcribe" if side.suffix == ".json" else "align"
             try:
-                text = side.read_text(encoding="utf-8")
-                return aligner(streams.main, SAMPLE_RATE, text), "forced-alignment"
-            except (DataError, UnicodeDecodeError) as e:
-                raise StageError("align", f"{side}: {e}") from None
+                words = sidecar_words(path, cfg.asr.transcripts, streams.duration,
+                                      audio=(streams.main, SAMPLE_RATE))
+            except DataError as e:
+                raise StageError(stage, str(e)) from None
+            if side.suffix == ".json":
+                return main_speaker_words(words), "sidecar"
+            return words, "forced-alignment"
     if transcriber is not None:
         try:
             return transcriber.transcribe(streams.main, SAMPLE_RATE), "asr"
@@ -219,7 +207,7 @@ class FileAnalyzer:
 
     def _parts(self) -> dict:
         if self._loaded is None:
-            parts = {"vad": None, "diarizer": None, "transcriber": None, "aligner": None}
+            parts = {"vad": None, "diarizer": None, "transcriber": None}
             if self.components is not None:
                 parts.update(self.components.build())
             encode = None
@@ -239,7 +227,7 @@ class FileAnalyzer:
             result.duration = audio.shape[-1] / SAMPLE_RATE
             streams = split_stage(audio, self.cfg, item.path, parts["vad"], parts["diarizer"])
             result.speech_seconds = streams.speech_ratio * result.duration
-            words, source = words_stage(item.path, streams, self.cfg, parts["transcriber"], parts["aligner"])
+            words, source = words_stage(item.path, streams, self.cfg, parts["transcriber"])
             text = text_stage(words, streams.duration, self.cfg, parts["encode"])
             meta = {"source": item.path, "split": streams.split, "words": source,
                     "speech_ratio": round(streams.speech_ratio, 4), "main_speaker": streams.main_speaker,

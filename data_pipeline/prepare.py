@@ -31,17 +31,10 @@ from data_pipeline.prepare_config import PrepareConfig
 from data_pipeline.prepare_plan import ShardPlan, host_shards, plan_shards
 from data_pipeline.prepared_shards import check_identity, read_summary, write_manifest, write_shard
 from data_pipeline.text_stream import EPAD_ID, FRAME_RATE, PAD_ID
+from data_pipeline.token_shards import sha256_file
 
 # Settings that do not change the shards' bytes (left out of the identity and the manifest).
 RUN_ONLY = ("output", "num_workers", "worker_index", "num_worker_hosts", "retry_errors", "codec_batch_size")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pipeline_identity(cfg: PrepareConfig, codec, components, plan: list[ShardPlan]) -> dict:
@@ -49,7 +42,7 @@ def pipeline_identity(cfg: PrepareConfig, codec, components, plan: list[ShardPla
     ident = {
         "pipeline": settings,
         "codec": codec.identity(),
-        "tokenizer": ({"path": str(Path(cfg.tokenizer).resolve()), "sha256": file_sha256(cfg.tokenizer)}
+        "tokenizer": ({"path": str(Path(cfg.tokenizer).resolve()), "sha256": sha256_file(cfg.tokenizer)}
                       if cfg.tokenizer else None),
         "plan": {"files": sum(len(s.files) for s in plan), "shards": len(plan),
                  "files_sha256": hashlib.sha256("\n".join(f.path for s in plan for f in s.files).encode()).hexdigest()},

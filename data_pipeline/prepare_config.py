@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.asr import AsrConfig
 from data_pipeline.diarize import DiarizationConfig
 from data_pipeline.errors import DataError
 from data_pipeline.vad import VadConfig
@@ -23,7 +24,9 @@ class PrepareConfig:
     diarize: bool = True  # mono: find the speakers (off: the whole mix is the main stream, no other stream)
     vad: VadConfig = field(default_factory=VadConfig)
     diarization: DiarizationConfig = field(default_factory=DiarizationConfig)
-    transcripts: str = ""  # sidecar dir: STEM.json (alignments / whisper segments) or STEM.txt (forced alignment)
+    # words: asr.transcripts (sidecar dir: STEM.json word times / STEM.txt plain text, force-aligned)
+    # wins over asr.engine (none | pocketsphinx | whisper:DIR) on the main stream
+    asr: AsrConfig = field(default_factory=AsrConfig)
     no_words: str = "pad"  # a file without words: all-PAD text stream ("pad") or masked (-1, "mask")
     text_delay: float = 0.0  # seconds; positive = text ahead of the audio (the reference's audio_delay)
     record_seconds: float = 120.0  # longer files are cut into records of at most this length
@@ -59,6 +62,7 @@ class PrepareConfig:
         if not 0 <= self.worker_index < self.num_worker_hosts:
             raise DataError(f"worker_index={self.worker_index}: must be in [0, num_worker_hosts={self.num_worker_hosts})")
         self.vad.validate()
+        self.asr.validate()
         self.diarization.validate()
         if self.diarize and not self.stereo_split and not self.voice_activity:
             raise DataError("diarize=true needs voice_activity=true (speaker turns are found in the voiced regions)")

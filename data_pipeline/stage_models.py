@@ -44,8 +44,10 @@ class StageModels:
         return self.cfg.diarize and not self.cfg.stereo_split
 
     def build(self) -> dict:
-        """``{"vad", "diarizer", "transcriber", "aligner"}`` (None where a stage is off)."""
-        parts = {"vad": None, "diarizer": None, "transcriber": None, "aligner": None}
+        """``{"vad", "diarizer", "transcriber"}`` (None where a stage is off)."""
+        from data_pipeline.asr import make_transcriber
+
+        parts = {"vad": None, "diarizer": None, "transcriber": make_transcriber(self.cfg.asr)}
         if self.cfg.voice_activity:
             from data_pipeline.vad import SileroVad
 
@@ -62,9 +64,17 @@ class StageModels:
 
             out["vad"] = SileroVad(self.cfg.vad).identity()
         if self._uses_diarizer():
-            from data_pipeline.prepare import file_sha256
             from data_pipeline.speaker_embedding import wheel_weights_path
+            from data_pipeline.token_shards import sha256_file
 
-            out["diarizer"] = {"name": "resemblyzer-ge2e (numpy)", "weights_sha256": file_sha256(str(wheel_weights_path())),
+            out["diarizer"] = {"name": "resemblyzer-ge2e (numpy)", "weights_sha256": sha256_file(wheel_weights_path()),
                                **dataclasses.asdict(self.cfg.diarization)}
+        tr = None if self.cfg.asr.engine.strip() in ("", "none") else _transcriber_identity(self.cfg.asr)
+        out["asr"] = {"engine": tr or "none", "transcripts": self.cfg.asr.transcripts or None}
         return out
+
+
+def _transcriber_identity(cfg) -> dict:
+    from data_pipeline.asr import make_transcriber
+
+    return make_transcriber(cfg).identity()

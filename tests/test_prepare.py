@@ -52,8 +52,11 @@ def codec(env):
 
 
 def _cfg(env, out, **kw):
+    from data_pipeline.asr import AsrConfig
+
+    transcripts = kw.pop("transcripts", str(env["dialogues"] / "truth"))
     base = dict(inputs=[str(env["dialogues"])], output=str(out), mimi_checkpoint=env["mimi"], tokenizer=env["spm"],
-                stereo_split=True, transcripts=str(env["dialogues"] / "truth"), record_seconds=8.0,
+                stereo_split=True, asr=AsrConfig(transcripts=transcripts), record_seconds=8.0,
                 files_per_shard=2, codec_batch_size=2, codec_chunk_seconds=4.0)
     base.update(kw)
     return PrepareConfig(**base)
@@ -343,3 +346,37 @@ def test_mono_mix_is_diarized_into_main_and_other_streams(env):
 
     assert share(streams.main, left) > 0.9 and share(streams.other, right) > 0.9
     assert np.sum(streams.main ** 2) > 0.8 * np.sum(left ** 2)  # and most of that voice is kept
+
+
+def test_words_from_asr_and_forced_alignment(env, codec, tmp_path):
+    """No word times given: a plain-text sidecar is force-aligned on the main stream; a file without
+    a sidecar is transcribed (pocketsphinx). The records say where their words came from; the
+    manifest names the recognizer."""
+    from data_pipeline.asr import AsrConfig
+    from data_pipeline.token_shards import iter_records, read_manifest
+
+    src, side = tmp_path / "in", tmp_path / "txt"
+    src.mkdir()
+    side.mkdir()
+    a, b = env["paths"][2], env["paths"][3]
+    shutil.copy(a, src / a.name)
+    shutil.copy(b, src / b.name)
+    truth = env["dialogues"] / "truth"
+    shutil.copy(truth / f"{a.stem}.txt", side / f"{a.stem}.txt")  # plain text, no times
+    cfg = _cfg(env, tmp_path / "out", inputs=[str(src)], files_per_shard=4)
+    cfg.asr = AsrConfig(engine="pocketsphinx", transcripts=str(side))
+    _run(cfg, codec)
+    manifest = read_manifest(tmp_path / "out", verify=True)
+    assert not manifest["errors"] and manifest["asr"]["engine"]["engine"] == "pocketsphinx"
+    metas = [json.loads(line) for line in (tmp_path / "out" / manifest["shards"][0]["metadata"]).read_text().splitlines()]
+    by_file = {Path(m["source"]).name: m["words"] for m in metas}
+    assert by_file == {a.name: "forced-alignment", b.name: "asr"}
+    records = list(iter_records(tmp_path / "out"))
+    for rec, meta in zip(records, metas):
+        assert ((rec[0] != 3) & (rec[0] != 0)).any(), meta  # words were placed
+    # forced alignment: the first word's first token lands within 2 frames of its true onset
+    truth_meta = json.loads((truth / f"{a.stem}.meta.json").read_text())
+    first = next(w for w in read_words(truth / f"{a.stem}.json") if w.speaker == truth_meta["main_speaker"])
+    rec = records[[i for i, m in enumerate(metas) if Path(m["source"]).name == a.name][0]]
+    onset = int(np.flatnonzero((rec[0] != 3) & (rec[0] != 0))[0])
+    assert abs(onset - int(first.start * 12.5)) <= 2, (onset, first)

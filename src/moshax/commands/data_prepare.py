@@ -63,7 +63,7 @@ def load_prepare_config(args: argparse.Namespace):
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {args.config}") from None
     flags = {"inputs": args.input, "output": args.output, "mimi_checkpoint": args.mimi_checkpoint,
-             "tokenizer": args.tokenizer, "transcripts": args.transcripts, "num_workers": args.num_workers,
+             "tokenizer": args.tokenizer, "num_workers": args.num_workers,
              "worker_index": args.worker_index, "num_worker_hosts": args.num_worker_hosts,
              "files_per_shard": args.files_per_shard}
     for key, value in flags.items():
@@ -75,13 +75,15 @@ def load_prepare_config(args: argparse.Namespace):
         data["retry_errors"] = True
     if args.asr is not None:
         data.setdefault("asr", {})["engine"] = args.asr
+    if args.transcripts is not None:
+        data.setdefault("asr", {})["transcripts"] = args.transcripts
     for key, value in parse_overrides(args.overrides):
         _set_dotted(data, key, value)
     cfg = _build(PrepareConfig, data, "")
-    for path_key in ("tokenizer", "transcripts", "mimi_checkpoint"):
-        value = getattr(cfg, path_key)
+    for flag, value in (("tokenizer", cfg.tokenizer), ("transcripts", cfg.asr.transcripts),
+                        ("mimi-checkpoint", cfg.mimi_checkpoint)):
         if value and not Path(value).exists():
-            raise ConfigError(f"{path_key.replace('_', '-')}: not found: {value}")
+            raise ConfigError(f"{flag}: not found: {value}")
     return cfg
 
 
