@@ -81,8 +81,23 @@ SKIP: dict[str, str] = {
                                                     "tests/test_mimi_training.py trains it",
     "moshax eval --checkpoint runs/mimi_tiny --audio data/speech/eval": "needs the mimi_tiny run above; "
                                                                         "tests/test_eval_cli.py runs eval --audio",
-    "moshax compile --config CFG --topology v5p:4x4x4 [--step train|decode]": "TPU AOT compile: slow "
-                                                                             "(tests/test_compile_tpu.py)",
+    "moshax compile --config CFG --topology v5p:4x4x4 [--step train|decode] [--sweep]":
+        "TPU AOT compile: slow (tests/test_compile_tpu.py; --sweep: tests/test_roofline.py)",
+    "moshax data diarize AUDIO... [--output OUT.rttm]": "synopsis; tests/test_diarize.py runs the command",
+    "moshax data inspect DIR [--decode N --output DIR]": "synopsis; tests/test_prepare.py runs inspect --decode",
+    "moshax data inspect DIR [--decode N --output LISTEN_DIR]": "synopsis; tests/test_prepare.py runs inspect --decode",
+    "moshax data prepare --input DIR --output DIR --mimi-checkpoint CKPT --tokenizer SPM.model [--transcripts DIR | "
+    "--asr pocketsphinx | --asr whisper:DIR] [--stereo-split] [--num-workers N] [--worker-index I --num-worker-hosts M] "
+    "[--retry-errors] [--config configs/data_prepare.yaml] [key=value ...]":
+        "synopsis; tests/test_prepare.py runs prepare (CLI, hosts, resume, ASR) and `make data-quickstart` end to end",
+    "moshax data prepare --input DIR --output DIR --mimi-checkpoint CKPT ...": "synopsis; tests/test_prepare.py",
+    "moshax data synth-dialogues --output DIR": "eSpeak NG synthesis: tests/test_prepare.py and `make data-quickstart`",
+    "moshax data transcribe AUDIO... --output DIR [--asr pocketsphinx|whisper:DIR]":
+        "synopsis; tests/test_asr.py runs the command",
+    "moshax generate --checkpoint LM --mimi-checkpoint MIMI --input USER.wav --output MOSHI.wav":
+        "placeholders; tests/test_generate.py::test_generate_cli_moshi runs it on tiny checkpoints",
+    "moshax mimi init --config configs/mimi_tiny.yaml --output DIR": "`make data-quickstart` runs it; "
+                                                                     "tests/test_prepare.py builds the same model",
     "moshax compile --config configs/helium_7b.yaml --topology v5p:2x4x4": "TPU AOT compile of 7B: slow "
                                                                           "(tests/test_compile_tpu.py)",
     "moshax convert from-kyutai|to-kyutai --model moshi|mimi ...": "synopsis; the concrete convert commands run",

@@ -99,8 +99,13 @@ def test_data_iterator_checks_shapes_and_resumes(shards):
     it2 = task.data_iterator("train", global_batch_size=8, process_index=0, process_count=1)
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["codes"], want)
-    with pytest.raises(DataError, match=r"shape \[17, 16\].*\[17, 20\]"):
-        MoshiTask(moshi_config(shards, data={"frames": 20})).check_inputs()
+    # records of another length are cropped (longer) or padded with -1 (shorter) to data.frames
+    longer = MoshiTask(moshi_config(shards, data={"frames": 20}))
+    longer.check_inputs()
+    padded = next(longer.data_iterator("train", global_batch_size=8, process_index=0, process_count=1))["codes"]
+    assert padded.shape == (8, 17, 20) and (padded[:, :, 16:] == -1).all() and (padded[:, 1:, :16] >= 0).all()
+    with pytest.raises(DataError, match="records of 17 streams, but the model needs num_streams = 5"):
+        MoshiTask(moshi_config(shards, model={"n_q": 4, "dep_q": 2, "delays": [0, 0, 1, 0, 1]})).check_inputs()
     with pytest.raises(DataError, match="text_card=64 but model.text_card=32"):
         MoshiTask(moshi_config(shards, model={"text_card": 32})).check_inputs()
 
