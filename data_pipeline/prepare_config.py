@@ -1,4 +1,4 @@
-"""Settings of ``moshax data prepare`` (a typed dataclass; YAML in ``configs/data_prepare.yaml``,
+"""Settings of ``moshax data prepare`` (a typed dataclass; YAML in ``configs/data/prepare.yaml``,
 ``key=value`` overrides, flags for the common ones). Stage settings nest: ``vad.*``,
 ``diarization.*``, ``asr.*``. Everything that changes the shards' bytes is written into the
 manifest (``pipeline``), so a shard directory says how it was made."""

@@ -88,7 +88,7 @@ SKIP: dict[str, str] = {
     "moshax data inspect DIR [--decode N --output LISTEN_DIR]": "synopsis; tests/test_prepare.py runs inspect --decode",
     "moshax data prepare --input DIR --output DIR --mimi-checkpoint CKPT --tokenizer SPM.model [--transcripts DIR | "
     "--asr pocketsphinx | --asr whisper:DIR] [--stereo-split] [--num-workers N] [--worker-index I --num-worker-hosts M] "
-    "[--retry-errors] [--config configs/data_prepare.yaml] [key=value ...]":
+    "[--retry-errors] [--config configs/data/prepare.yaml] [key=value ...]":
         "synopsis; tests/test_prepare.py runs prepare (CLI, hosts, resume, ASR) and `make data-quickstart` end to end",
     "moshax data prepare --input DIR --output DIR --mimi-checkpoint CKPT ...": "synopsis; tests/test_prepare.py",
     "moshax data synth-dialogues --output DIR": "eSpeak NG synthesis: tests/test_prepare.py and `make data-quickstart`",

@@ -265,17 +265,19 @@ def test_loader_crops_deterministic_and_resumable(prepared):
 
 
 def test_cli_prepare_inspect_and_one_line_errors(env, prepared, tmp_path, capsys):
-    """The commands: prepare from flags + key=value, inspect (hashes, stats, --decode to wav + text),
+    """The commands: prepare from the YAML + flags + key=value (2 worker processes), inspect (hashes, stats, --decode to wav + text),
     and user mistakes as one line with exit 2."""
     from moshax.cli import main
 
     out = tmp_path / "cli"
-    rc = main(["data", "prepare", "--input", str(env["dialogues"]), "--output", str(out), "--mimi-checkpoint",
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "data" / "prepare.yaml")  # num_workers: 2
+    rc = main(["data", "prepare", "--config", config, "--input", str(env["dialogues"]), "--output", str(out),
+               "--mimi-checkpoint",
                env["mimi"], "--tokenizer", env["spm"], "--stereo-split", "--transcripts",
                str(env["dialogues"] / "truth"), "--files-per-shard", "2", "--no-progress", "record_seconds=8",
                "codec_batch_size=2", "codec_chunk_seconds=4"])
     assert rc == 0
-    # same settings through the CLI as through the API: same bytes
+    # same settings through the CLI (and 2 Grain worker processes) as through the API: same bytes
     assert _files(out) == {k: v for k, v in _files(prepared).items()}
     capsys.readouterr()
     assert main(["data", "inspect", str(out), "--decode", "2", "--output", str(tmp_path / "listen")]) == 0

@@ -5,7 +5,7 @@ analysis models from flags and config, so the data package stays free of model c
     moshax data prepare --input DIR --output DIR --mimi-checkpoint CKPT [--tokenizer SPM.model]
         [--asr none|pocketsphinx|whisper:DIR | --transcripts DIR] [--stereo-split]
         [--num-workers N] [--worker-index I --num-worker-hosts M] [--retry-errors]
-        [--config configs/data_prepare.yaml] [key=value ...]
+        [--config configs/data/prepare.yaml] [key=value ...]
     moshax data inspect DIR [--decode N --output DIR --mimi-checkpoint CKPT]
 """
 
@@ -88,7 +88,7 @@ def load_prepare_config(args: argparse.Namespace):
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML with PrepareConfig keys (e.g. configs/data_prepare.yaml)")
+    p.add_argument("--config", help="YAML with PrepareConfig keys (e.g. configs/data/prepare.yaml)")
     p.add_argument("--input", action="append", help="dir, glob, file or .jsonl manifest (repeatable)")
     p.add_argument("--output", help="shard directory (created; a rerun resumes it)")
     p.add_argument("--mimi-checkpoint", help="Mimi: moshax checkpoint or Kyutai .safetensors")
