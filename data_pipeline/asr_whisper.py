@@ -10,7 +10,6 @@ whisper's cross-attention DTW (``word_timestamps=True``).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import numpy as np
 from data_pipeline.transcriber import Transcriber
 from data_pipeline.errors import DataError
 from data_pipeline.text_stream import Word
+from data_pipeline.token_shards import sha256_file
 
 
 def load_whisper(path: str | Path):
@@ -37,14 +37,6 @@ def load_whisper(path: str | Path):
     except (TypeError, RuntimeError) as e:
         raise DataError(f"{path}: checkpoint does not match its dims ({str(e).splitlines()[0][:200]})") from None
     return model.eval()
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 class WhisperTranscriber(Transcriber):
@@ -87,5 +79,5 @@ class WhisperTranscriber(Transcriber):
         from importlib.metadata import version
 
         return {"engine": "whisper", "version": version("openai-whisper"), "model": Path(self.checkpoint).name,
-                "model_path": str(Path(self.checkpoint).resolve()), "sha256_16": _file_digest(self.checkpoint),
+                "model_path": str(Path(self.checkpoint).resolve()), "sha256_16": sha256_file(self.checkpoint)[:16],
                 "language": self.language}

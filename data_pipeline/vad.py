@@ -19,7 +19,6 @@ longer than ``min_speech_seconds`` are dropped; each region is padded by ``speec
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DataError
+from data_pipeline.token_shards import sha256_file
 
 VAD_RATE = 16000
 CHUNK = 512  # samples per probability at 16 kHz (32 ms)
@@ -77,14 +77,6 @@ def wheel_model_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class SileroVad:
     """Speech regions of mono audio. Picklable: the onnxruntime session is opened on first use and
     dropped when pickled (Grain workers reopen it)."""
@@ -115,7 +107,7 @@ class SileroVad:
 
     def identity(self) -> dict:
         """What produced the regions, for manifests: the model file (name, sha256) and the thresholds."""
-        return {"name": "silero-vad", "model_file": self.model_path.name, "model_sha256": _sha256(self.model_path),
+        return {"name": "silero-vad", "model_file": self.model_path.name, "model_sha256": sha256_file(self.model_path),
                 **{k: v for k, v in asdict(self.cfg).items() if k not in ("model_path", "threads")},
                 "neg_threshold": self.cfg.exit_threshold}
 
