@@ -84,17 +84,24 @@ async def converse(url: str, pcm: np.ndarray | None = None, *, chunks: list[byte
                     if realtime:
                         await asyncio.sleep(max(0.0, t_start + (i + 1) * FRAME / protocol.SAMPLE_RATE - time.monotonic()))
 
-            sender = asyncio.create_task(send())
+            sent_at = [float("inf")]
+
+            async def send_all():
+                await send()
+                sent_at[0] = time.monotonic()
+
+            sender = asyncio.create_task(send_all())
             deadline = time.monotonic() + timeout_s
             try:
+                last = time.monotonic()
                 while time.monotonic() < deadline:
-                    wait = idle_s if sender.done() else timeout_s
                     try:
-                        msg = await ws.receive(timeout=wait)
+                        msg = await ws.receive(timeout=0.2)
                     except asyncio.TimeoutError:
-                        if sender.done():
+                        if sender.done() and time.monotonic() - max(last, sent_at[0]) > idle_s:
                             break
                         continue
+                    last = time.monotonic()
                     if msg.type != aiohttp.WSMsgType.BINARY:
                         break
                     kind, body = msg.data[0], msg.data[1:]

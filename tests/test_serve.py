@@ -1,0 +1,181 @@
+"""``moshax serve``: Kyutai's chat protocol on one batched decoder. One server (8 slots, greedy,
+tiny random models, a token) serves the concurrency, misbehaviour and access tests; the parity
+test runs Kyutai's own ``moshi.server`` next to it; the browser test drives the page in Debian's
+headless chromium."""
+
+import asyncio
+import os
+import shutil
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from requirements import require_module
+
+from serve_support import ServerThread
+from test_mimi_parity import synth_audio
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SLOTS = 8
+MAX_MESSAGE = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server():
+    require_module("aiohttp", "moshax serve needs the serve extra (aiohttp)")
+    from test_generate import _small_model, _tiny_mimi
+
+    from moshax.inference.sampling import Sampling
+    from moshax.serve.server import make_app
+
+    app = make_app(_small_model(seed=1), _tiny_mimi(), None, slots=SLOTS, sampling=Sampling.greedy(),
+                   auth_token=TOKEN, max_message_bytes=MAX_MESSAGE, gather_seconds=0.03)
+    srv = ServerThread(app).start()
+    yield srv
+    srv.stop()
+
+
+def _talk(srv, audio, **kw):
+    from moshax.serve.client import converse
+
+    kw.setdefault("headers", AUTH)
+    kw.setdefault("idle_s", 2.0)
+    return converse(srv.ws_url, audio, **kw)
+
+
+def _run(*coros):
+    async def main():
+        return await asyncio.gather(*coros)
+
+    return asyncio.run(main())
+
+
+def _metrics(srv):
+    import json
+
+    req = urllib.request.Request(srv.url + "/metrics", headers=AUTH)
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def _same(a, b):
+    assert a.handshake and b.handshake and a.error is None and b.error is None
+    assert a.text == b.text
+    assert a.pcm.shape == b.pcm.shape and a.pcm.size > 0
+    np.testing.assert_array_equal(a.pcm, b.pcm)
+
+
+AUDIO = [synth_audio(1.6, seed=s)[0, 0] for s in range(SLOTS)]
+
+
+def test_concurrent_clients_get_what_they_get_alone_and_one_too_many_is_refused(server):
+    alone = [_run(_talk(server, a))[0] for a in AUDIO]
+    assert len({tuple(r.text) for r in alone}) > 1  # different users, different answers
+
+    async def crowd():
+        talks = [asyncio.create_task(_talk(server, a, realtime=True)) for a in AUDIO]
+        await asyncio.sleep(0.6)  # all 8 are mid-conversation now
+        from moshax.serve.client import converse
+
+        ninth = await asyncio.wait_for(converse(server.ws_url, AUDIO[0], headers=AUTH), 20)
+        return await asyncio.gather(*talks), ninth
+
+    together, ninth = asyncio.run(crowd())
+    for a, b in zip(alone, together):
+        _same(a, b)
+    assert not ninth.handshake and "busy" in ninth.error and ninth.close_code == 1013
+    m = _metrics(server)
+    assert m["connections_refused"] >= 1 and m["active_slots"] == 0
+    assert m["mean_batch"] > 1.5  # real-time clients were stepped together
+    print(f"8 real-time clients: mean batch {m['mean_batch']:.2f}, step p50 {m['step_ms_p50']:.1f} ms, "
+          f"p99 {m['step_ms_p99']:.1f} ms")
+
+
+def test_misbehaving_clients_do_not_touch_the_others(server):
+    from moshax.serve.client import ogg_chunks
+
+    good = AUDIO[:3]
+    alone = [_run(_talk(server, a))[0] for a in good]
+    chunks = ogg_chunks(AUDIO[4])
+
+    async def garbage():
+        return await _talk(server, None, chunks=[], extra=[b"\x01" + os.urandom(300)], idle_s=3)
+
+    async def odd_kinds():  # unknown kind, a text message, an empty one: ignored, audio still answered
+        return await _talk(server, AUDIO[3], extra=[b"\x07hello", "not binary", b""])
+
+    async def flood():  # 10x its audio at once, faster than real time
+        return await _talk(server, None, chunks=chunks * 10, idle_s=1)
+
+    async def cut_mid_frame():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.ws_connect(server.ws_url, headers=AUTH) as ws:
+            await ws.receive()
+            for c in chunks[:5]:
+                await ws.send_bytes(b"\x01" + c)
+            await ws.send_bytes(b"\x01" + chunks[5][: len(chunks[5]) // 2])
+        return "cut"
+
+    async def oversized():
+        return await _talk(server, None, chunks=[b"\x00" * (MAX_MESSAGE + 10)], idle_s=3)
+
+    results = _run(*[_talk(server, a, realtime=True) for a in good], garbage(), odd_kinds(), flood(),
+                   cut_mid_frame(), oversized())
+    for a, b in zip(alone, results[:3]):
+        _same(a, b)
+    g, odd, fl, _, big = results[3:]
+    assert "bad audio" in (g.error or "") and g.close_code == 1003
+    assert odd.pcm.size > 0 and not odd.error
+    assert fl.pcm.size > 0
+    assert big.close_code == 1009 and big.pcm.size == 0
+    assert _metrics(server)["active_slots"] == 0
+
+
+def test_who_may_connect(server):
+    import aiohttp
+
+    from moshax.serve.client import converse
+
+    async def status(url, headers):
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.ws_connect(url, headers=headers):
+                    return 101
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status
+
+    async def checks():
+        running = asyncio.create_task(_talk(server, AUDIO[1], realtime=True))
+        await asyncio.sleep(0.3)
+        codes = [await status(server.ws_url, {}),
+                 await status(server.ws_url, {"Authorization": "Bearer wrong"}),
+                 await status(server.ws_url + "?token=wrong", {}),
+                 await status(server.ws_url, {**AUTH, "Origin": "https://evil.example"}),
+                 await status(server.ws_url + f"?token={TOKEN}", {"Origin": server.url})]
+        return codes, await running
+
+    alone = _run(_talk(server, AUDIO[1]))[0]
+    codes, during = asyncio.run(checks())
+    assert codes == [401, 401, 401, 403, 101]
+    _same(alone, during)
+    for path, want in (("/metrics", 401), ("/health", 200)):
+        try:
+            code = urllib.request.urlopen(server.url + path, timeout=10).status
+        except urllib.error.HTTPError as e:
+            code = e.code
+        assert code == want, path
+    assert converse  # the public client is importable without a server
+
+
+def test_access_rules_and_exposure_warning():
+    from moshax.serve.access import exposure_warning, normalize_origins
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+    assert exposure_warning("0.0.0.0", "t") is None
+    w = exposure_warning("0.0.0.0", None)
+    assert w.startswith("WARNING") and "--auth-token" in w and "\n" not in w
+    assert normalize_origins(["https://Example.org/"]) == {"https://example.org"}
+    with pytest.raises(ValueError):
+        normalize_origins(["example.org"])
