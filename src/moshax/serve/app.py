@@ -20,6 +20,11 @@ STATIC = resources.files("moshax.serve") / "static"
 ENGINE = web.AppKey("engine", BatchedEngine)
 
 
+def _report_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the step task failed: %r", task.exception(), exc_info=task.exception())
+
+
 def build_app(engine: BatchedEngine, pieces, *, auth_token: str | None = None, allow_origins=frozenset(),
               max_message_bytes: int = 1 << 20, outbox_frames: int = 64, warmup: bool = True) -> web.Application:
     app = web.Application(client_max_size=max_message_bytes)
@@ -65,6 +70,7 @@ def build_app(engine: BatchedEngine, pieces, *, auth_token: str | None = None, a
         if warmup:
             await engine.warmup()
         tasks["step"] = asyncio.create_task(engine.run())
+        tasks["step"].add_done_callback(_report_crash)
 
     async def stop(_app):
         engine.stop()  # the current step finishes; then every socket is closed

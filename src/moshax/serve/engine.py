@@ -20,9 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import logging
+
 import numpy as np
 
 from moshax.serve.metrics import ServeMetrics
+
+log = logging.getLogger("moshax.serve")
 
 
 @dataclass
@@ -138,15 +142,18 @@ class BatchedEngine:
             c.stepped += 1
             if c.closed:
                 continue
-            if valid[c.slot]:
-                c.deliver(out_pcm[c.slot, 0], int(text[c.slot]))
-            else:
-                c.deliver(None, None)
+            try:
+                if valid[c.slot]:
+                    c.deliver(out_pcm[c.slot, 0], int(text[c.slot]))
+                else:
+                    c.deliver(None, None)
+            except Exception:  # one client's output path must not stop the others
+                log.exception("slot %d: delivering a frame failed", c.slot)
 
     async def _on_device(self, fn, *args):
-        if self._worker_closed:
-            return None
         async with self._device:
+            if self._worker_closed:  # shutting down: the state is about to go anyway
+                return None
             return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _mask(self, slots) -> np.ndarray:
@@ -159,9 +166,12 @@ class BatchedEngine:
         pcm = np.zeros((self.batch, 1, self.frame_size), np.float32)
 
         def work():
-            np.asarray(self.loop.step(pcm, active=np.ones(self.batch, bool))[0])
-            self.loop.reset_mimi(self._mask([0]))
-            self.loop.reset()
+            # twice: the fresh initial state and a reset one can differ in weak types, and each
+            # would otherwise compile on a client's first frame
+            for _ in range(2):
+                np.asarray(self.loop.step(pcm, active=np.ones(self.batch, bool))[0])
+                self.loop.reset_mimi(self._mask([0]))
+                self.loop.reset()
 
         await self._on_device(work)
 
