@@ -290,3 +290,124 @@ def test_protocol_parity_with_kyutai_server(tmp_path):
     snr = snr_db(theirs.pcm, mine.pcm)
     print(f"decoded audio (after Opus both ways): SNR {snr:.1f} dB")
     assert snr >= 20.0
+
+
+# ----------------------------------------------------------------------------- the page in a real browser
+
+
+def _write_mic_wav(path, audio, sr=24000):
+    import wave
+
+    pcm = (np.clip(audio, -1, 1) * 32000).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    """Debian's chromium (headless, driven by playwright) opens ``/``, takes a wav as its
+    microphone, and gets Moshi's audio and text back through the page's own Opus/Ogg code."""
+    sync_api = require_module("playwright.sync_api", "the browser test needs playwright (browser-test extra)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("the browser test needs Debian's chromium (apt-get install chromium; .ci/run does)")
+    mic = tmp_path / "mic.wav"
+    _write_mic_wav(mic, np.concatenate([synth_audio(3.0, seed=9)[0, 0]] * 3))
+    shot = tmp_path / "page.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required", "--no-sandbox"])
+        try:
+            page = browser.new_page()
+            logs = []
+            page.on("console", lambda m: logs.append(m.text))
+            page.goto(f"{server.url}/?token={TOKEN}")
+            page.click("#start")
+            try:
+                page.wait_for_function("window.moshax.receivedSamples > 24000 && window.moshax.text.length > 3",
+                                       timeout=90_000)
+            finally:
+                page.screenshot(path=str(shot))
+                state = page.evaluate("window.moshax")
+                print(f"browser screenshot: {shot}")
+                print(f"page state: {state}; console: {logs[-5:]}")
+            stats = page.inner_text("#stats")
+        finally:
+            browser.close()
+    assert state["handshake"] and state["error"] is None and state["sentFrames"] > 10
+    assert state["firstAudioMs"] is not None and "first reply after" in stats
+    assert shot.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_serve_cli_user_errors(tmp_path, capsys):
+    from moshax.cli import main
+
+    base = ["serve", "--checkpoint", str(tmp_path / "nope"), "--mimi-checkpoint", str(tmp_path / "nope")]
+    (tmp_path / "empty").write_text("")
+    cases = {"--slots 0": ["--slots", "0"], "--port 70000": ["--port", "70000"],
+             "not both": ["--auth-token", "a", "--auth-token-file", str(tmp_path / "empty")],
+             "is empty": ["--auth-token-file", str(tmp_path / "empty")],
+             "SCHEME://HOST": ["--allow-origin", "example.org"]}
+    for needle, extra in cases.items():
+        assert main(base + extra) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moshax: error:") and len(err.splitlines()) == 1 and needle in err, (needle, err)
+
+
+@pytest.mark.slow  # ~1 min: a subprocess loads checkpoints and compiles the batched step
+def test_serve_cli_talks_and_stops_on_sigterm(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_generate import _save, _small_model, _tiny_mimi
+
+    from moshax.serve.client import converse
+
+    lm = _save(_small_model(seed=1), tmp_path / "lm", "moshi")
+    mimi = _save(_tiny_mimi(), tmp_path / "mimi", "mimi")
+    (tmp_path / "token").write_text("tok\n")
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root / 'src'}:{root}", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "moshax.cli", "serve", "--checkpoint", str(lm), "--mimi-checkpoint",
+                             str(mimi), "--port", str(port), "--slots", "2", "--auth-token-file",
+                             str(tmp_path / "token"), "--temperature", "0", "--text-temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 240:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert health["slots"] == 2
+        url = f"ws://127.0.0.1:{port}/api/chat?token=tok"
+        got = asyncio.run(converse(url, AUDIO[0], idle_s=2))
+        assert got.handshake and got.pcm.size > 0 and got.text
+
+        async def mid_conversation_sigterm():
+            talk = asyncio.create_task(converse(url, np.concatenate([AUDIO[0]] * 4), realtime=True, idle_s=5))
+            await asyncio.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            return await talk
+
+        cut = asyncio.run(mid_conversation_sigterm())
+        assert cut.handshake and cut.close_code == 1001  # closed by the server, not left hanging
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert "moshax serve: 2 slots" in out

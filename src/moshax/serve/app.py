@@ -20,6 +20,10 @@ STATIC = resources.files("moshax.serve") / "static"
 ENGINE = web.AppKey("engine", BatchedEngine)
 
 
+async def _no_content():
+    return web.Response(status=204)
+
+
 def _report_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the step task failed: %r", task.exception(), exc_info=task.exception())
@@ -82,6 +86,7 @@ def build_app(engine: BatchedEngine, pieces, *, auth_token: str | None = None, a
 
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", asset)
+    app.router.add_get("/favicon.ico", lambda _r: _no_content())
     app.router.add_get("/api/chat", chat)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
