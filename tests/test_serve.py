@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from requirements import require_module
 
-from serve_support import ServerThread
 from test_mimi_parity import synth_audio
+
+from moshax.serve.background import ServerThread
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,4 +1,5 @@
-"""Test support for ``moshax serve``: an app on a loopback port in a background thread, tiny models."""
+"""An app on a loopback port in a background thread (tests, bench, notebooks): the caller's own
+event loop stays free to run clients."""
 
 from __future__ import annotations
 
