@@ -42,7 +42,7 @@ def _talk(srv, audio, **kw):
     from moshax.serve.client import converse
 
     kw.setdefault("headers", AUTH)
-    kw.setdefault("idle_s", 2.0)
+    kw.setdefault("idle_s", 2.0 if kw.get("realtime") else 1.0)  # a tiny step takes ~5 ms
     return converse(srv.ws_url, audio, **kw)
 
 
