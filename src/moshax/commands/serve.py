@@ -34,7 +34,16 @@ def _token(args) -> str | None:
     return args.auth_token or None
 
 
+def _require_serve_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("aiohttp", "sphn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"moshax serve needs {', '.join(missing)}: pip install 'moshax[serve]'")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _require_serve_extra()
     from moshax.commands.generate import _sampling, _tokenizer
     from moshax.serve.access import exposure_warning, normalize_origins
 
