@@ -412,3 +412,26 @@ def test_serve_cli_talks_and_stops_on_sigterm(tmp_path):
             proc.kill()
     out = proc.stdout.read()
     assert "moshax serve: 2 slots" in out
+
+
+def test_a_client_that_does_not_read_loses_frames_not_memory():
+    """The send queue is bounded: past it, frames are dropped before Opus encoding (counted), so
+    what was queued still decodes as one valid Ogg stream and the step never waits on the client."""
+    import sphn
+
+    from moshax.serve.metrics import ServeMetrics
+    from moshax.serve.protocol import TextPieces
+    from moshax.serve.session import ChatSession
+
+    class Engine:  # the two attributes deliver() reads
+        metrics = ServeMetrics(1, 0.08)
+
+    session = ChatSession(ws=None, engine=Engine(), pieces=TextPieces(None, (0, 3)), outbox_frames=4)
+    frames = synth_audio(20 * 0.08, seed=1)[0, 0].reshape(20, 1920)
+    for f in frames:
+        session.deliver(f, 3)  # PAD: audio only
+    assert session.outbox.qsize() <= 4
+    assert Engine.metrics.output_frames_dropped >= 16
+    reader = sphn.OpusStreamReader(24000)
+    queued = b"".join(session.outbox.get_nowait()[1:] for _ in range(session.outbox.qsize()))
+    assert reader.append_bytes(queued).size > 0
