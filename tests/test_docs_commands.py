@@ -62,6 +62,10 @@ SLOW_RUN: dict[str, list[str] | None] = {
 }
 
 SKIP: dict[str, str] = {
+    "moshax serve --checkpoint LM_CKPT --mimi-checkpoint MIMI_CKPT [--tokenizer tok.model] [--host 127.0.0.1] "
+    "[--port 8998] [--slots 4] [--temperature 0.8] [--top-k 250] [--text-temperature 0.7] [--text-top-k 25] "
+    "[--auth-token TOKEN] [--allow-origin https://example.org]":
+        "a long-running server; tests/test_serve.py::test_serve_cli_talks_and_stops_on_sigterm runs it",
     "moshax compile --config configs/mimi_full.yaml --topology v5e:2x2 --step decode":
         "TPU AOT compile: slow (tests/test_generate.py::test_decode_step_compiles_for_v5e)",
     "moshax compile --config configs/moshi_7b.yaml --topology v5e:2x2 --step decode [--batch B]":

@@ -19,6 +19,7 @@ LAYERS = [
     ["moshax.layers"],  # shared blocks (norms, attention, mlp, transformer, convs, losses)
     ["moshax.models"],  # Helium, the Moshi LM, Mimi: compositions of layers
     ["moshax.interop", "moshax.checkpoint", "moshax.inference", "moshax.evaluation"],  # models in use
+    ["moshax.serve"],  # the chat server: batched conversations over websockets (inference only)
     ["moshax.training"],  # tasks, trainer, optimizer, metrics, AOT compile of the train step
     ["moshax.launch"],  # TPU VM / GKE launchers
     ["moshax.commands", "moshax.cli", "moshax"],  # the CLI: parse, call the library, print

@@ -26,7 +26,7 @@ from pathlib import Path
 
 # Modules exposing ``add_parser(subparsers)``; each sets ``fn`` on its parsers.
 COMMAND_MODULES = ("moshax.commands.convert", "moshax.commands.mimi", "moshax.commands.evaluate",
-                   "moshax.commands.generate")
+                   "moshax.commands.generate", "moshax.commands.serve")
 
 
 class UserError(Exception):

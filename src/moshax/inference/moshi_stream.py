@@ -337,6 +337,12 @@ def duplex_step(lm, mimi, lm_state: MoshiState, mimi_state, pcm, sampling: Sampl
     return lm_state, mimi_state, pcm_out, out
 
 
+def _masked(result, lm_state, mimi_state, active):
+    """A :func:`duplex_step` result where the slots outside ``active`` keep their old states."""
+    new_lm, new_mimi, pcm_out, out = result
+    return _select_slots(active, new_lm, lm_state), _select_slots(active, new_mimi, mimi_state), pcm_out, out
+
+
 def reset_mimi(mimi, mimi_state, mask):
     fresh = mimi.init_state(mask.shape[0])
     return _select_slots(~mask, mimi_state, fresh)
@@ -364,12 +370,30 @@ class DuplexLoop:
                                 donate_argnums=(0, 1))
         self.lm_state = init_state(self.lm, self.batch, seed, capacity)
         self.mimi_state = self.mimi.init_state(self.batch)
+        self._bound, self._masked_step, self._reset_mimi = bound, None, None
 
-    def step(self, pcm):
-        """pcm [B, 1, frame_size] float -> (pcm_out [B, 1, frame_size], StepOutput)."""
-        self.lm_state, self.mimi_state, pcm_out, out = self._step(self.lm_state, self.mimi_state,
-                                                                  jnp.asarray(pcm, jnp.float32))
+    def step(self, pcm, active=None):
+        """pcm [B, 1, frame_size] float -> (pcm_out [B, 1, frame_size], StepOutput). ``active`` [B]
+        bool (default all): slots outside it keep their state, as if this step had not happened
+        (a server steps only the conversations that have a frame; same batched cost)."""
+        pcm = jnp.asarray(pcm, jnp.float32)
+        if active is None:
+            self.lm_state, self.mimi_state, pcm_out, out = self._step(self.lm_state, self.mimi_state, pcm)
+        else:
+            if self._masked_step is None:
+                self._masked_step = self._bound.jit(
+                    lambda p, a, b, x, m: _masked(duplex_step(p.lm, p.mimi, a, b, x, self.sampling), a, b, m),
+                    donate_argnums=(0, 1))
+            self.lm_state, self.mimi_state, pcm_out, out = self._masked_step(
+                self.lm_state, self.mimi_state, pcm, jnp.asarray(active, bool))
         return pcm_out, out
+
+    def reset_mimi(self, slot_mask) -> None:
+        """Restart only the Mimi streaming state of the slots in ``slot_mask`` (Kyutai's server does
+        this after a conversation's first frame: its encoding carries the left padding)."""
+        if self._reset_mimi is None:
+            self._reset_mimi = self._bound.jit(lambda p, b, m: reset_mimi(p.mimi, b, m), donate_argnums=(0,))
+        self.mimi_state = self._reset_mimi(self.mimi_state, jnp.asarray(slot_mask, bool))
 
     def reset(self, slot_mask=None, seed: int | None = None) -> None:
         mask = np.ones(self.batch, bool) if slot_mask is None else np.asarray(slot_mask, bool)
