@@ -70,14 +70,16 @@ data-quickstart: $(DATA)/tokenizer/spm.model $(DATA)/mimi_random/.done $(DIALOGU
 	$(BIN)/moshax train --config configs/moshi_tiny.yaml --workdir runs/moshi_dialogues task.init_from= \
 		data.train_shards=$(DATA)/dialogue_shards/train data.eval_shards=$(DATA)/dialogue_shards/eval
 
-# Two pytest workers (a test file stays on one): XLA compiles are single-threaded, so the two cores
-# overlap them; about 1.5x faster than one process on 2 cores.
+# Two pytest workers: XLA compiles are single-threaded, so the two cores overlap them (about 1.5x
+# faster than one process on 2 cores). The default suite keeps a file on one worker (its module
+# fixtures are built once); the slow suite steals work test by test (its 7B compiles spread out).
 PYTEST_WORKERS ?= -n 2 --dist loadfile
+SLOW_WORKERS ?= -n 2 --dist worksteal
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -m slow $(SLOW_WORKERS) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests"; exit 0; fi; exit $$rc
 
 bench: install data
 	$(BIN)/python bench/bench_helium_train.py
