@@ -44,6 +44,21 @@ def _sampling(args):
         raise ConfigError(str(e)) from None
 
 
+def load_lm_and_codec(ckpt, mimi_checkpoint: str):
+    """(LM, its config, Mimi) from an opened LM checkpoint and a Mimi path, checked to fit each other
+    (card, codebooks) in one line."""
+    from moshax.checkpoint.model import build_model_from_checkpoint, load_codec
+    from moshax.inference.moshi_stream import check_pair
+
+    lm, cfg = build_model_from_checkpoint(ckpt)
+    mimi = load_codec(mimi_checkpoint)
+    try:
+        check_pair(cfg, mimi.cfg)
+    except ValueError as e:
+        raise ConfigError(f"--mimi-checkpoint {mimi_checkpoint}: {e}") from None
+    return lm, cfg, mimi
+
+
 def _tokenizer(path):
     if path is None:
         return None
@@ -89,15 +104,9 @@ def _generate_moshi(args, ckpt) -> int:
     sp = _tokenizer(args.tokenizer)
     from data_pipeline.audio import read_audio, write_wav
 
-    from moshax.checkpoint.model import build_model_from_checkpoint, load_codec
-    from moshax.inference.moshi_stream import DuplexLoop, check_pair
+    from moshax.inference.moshi_stream import DuplexLoop
 
-    lm, cfg = build_model_from_checkpoint(ckpt)
-    mimi = load_codec(args.mimi_checkpoint)
-    try:
-        check_pair(cfg, mimi.cfg)
-    except ValueError as e:
-        raise ConfigError(f"--mimi-checkpoint {args.mimi_checkpoint}: {e}") from None
+    lm, cfg, mimi = load_lm_and_codec(ckpt, args.mimi_checkpoint)
     audio = read_audio(args.input, mimi.cfg.sample_rate)[0]
     if audio.shape[0] == 0:
         raise ConfigError(f"{args.input}: no audio samples")

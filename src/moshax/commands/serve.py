@@ -59,19 +59,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     sp = _tokenizer(args.tokenizer)
 
-    from moshax.checkpoint.model import build_model_from_checkpoint, load_codec, open_checkpoint
-    from moshax.inference.moshi_stream import check_pair
+    from moshax.checkpoint.model import open_checkpoint
+    from moshax.commands.generate import load_lm_and_codec
 
     ckpt = open_checkpoint(args.checkpoint)
     if ckpt.model_kind not in ("moshi", "lm"):
         raise ConfigError(f"--checkpoint {args.checkpoint} holds a {ckpt.model_kind} model; moshax serve takes "
                           f"a Moshi LM")
-    lm, cfg = build_model_from_checkpoint(ckpt)
-    mimi = load_codec(args.mimi_checkpoint)
-    try:
-        check_pair(cfg, mimi.cfg)
-    except ValueError as e:
-        raise ConfigError(f"--mimi-checkpoint {args.mimi_checkpoint}: {e}") from None
+    lm, _, mimi = load_lm_and_codec(ckpt, args.mimi_checkpoint)
 
     from aiohttp import web
 
