@@ -23,7 +23,7 @@ from data_pipeline.audio import read_audio
 from data_pipeline.errors import DataError
 from data_pipeline.prepare_config import PrepareConfig
 from data_pipeline.prepare_plan import FileItem
-from data_pipeline.text_stream import FRAME_RATE, Word, encoder_for, text_stream
+from data_pipeline.text_stream import FRAME_RATE, Word, encoder_for, talk_time, text_stream
 
 SAMPLE_RATE = 24000
 STAGES = ("decode", "vad", "diarize", "transcribe", "align", "tokenize", "write")
@@ -122,12 +122,12 @@ def split_stage(audio: np.ndarray, cfg: PrepareConfig, path: str, vad=None, diar
 def main_speaker_words(words: list[Word]) -> list[Word]:
     """A sidecar with several speakers: the words of the one who talks longest (the main speaker,
     the same rule diarization uses)."""
-    talk: dict[str, float] = {}
-    for w in words:
-        talk[w.speaker] = talk.get(w.speaker, 0.0) + max(0.0, w.end - w.start)
+    from data_pipeline.diarize import DiarizationConfig, pick_main_speaker
+
+    talk = talk_time(words)
     if len(talk) <= 1:
         return words
-    main = max(sorted(talk), key=lambda s: talk[s])
+    main = pick_main_speaker(talk, DiarizationConfig())
     return [w for w in words if w.speaker == main]
 
 

@@ -29,7 +29,8 @@ from data_pipeline.audio import write_wav
 from data_pipeline.errors import DataError
 from data_pipeline.rttm import Turn, write_rttm
 from data_pipeline.speech_synth import _sentences, espeak_binary, speak
-from data_pipeline.text_stream import Word, write_words
+from data_pipeline.diarize import DiarizationConfig, pick_main_speaker
+from data_pipeline.text_stream import Word, talk_time, write_words
 
 # Voices far apart in timbre (language x variant, pitch): diarization has something to find.
 VOICES = ({"voice": "en-us+m3", "pitch": 35, "speed": 165},
@@ -135,10 +136,7 @@ def render_dialogue(plan, *, seed: int, sample_rate: int = 24000, stereo: bool =
         turns.append(Turn(round(turn_start, 3), words[-1].end, speaker_name(speaker)))
         t = words[-1].end + rng.uniform(0.3, 0.8)
     total = int((t + 0.3) * sample_rate)
-    talk = {}  # talk time = the sum of the speaker's word durations
-    for w in words:
-        talk[w.speaker] = talk.get(w.speaker, 0.0) + w.end - w.start
-    main = max(sorted(talk), key=lambda s: talk[s])
+    main = pick_main_speaker(talk_time(words), DiarizationConfig())  # most talk: sum of word durations
     channels = np.zeros((2 if stereo else 1, total), np.float32)
     for start, audio, speaker, _ in placed:
         i = int(round(start * sample_rate))

@@ -69,12 +69,9 @@ class StageModels:
 
             out["diarizer"] = {"name": "resemblyzer-ge2e (numpy)", "weights_sha256": sha256_file(wheel_weights_path()),
                                **dataclasses.asdict(self.cfg.diarization)}
-        tr = None if self.cfg.asr.engine.strip() in ("", "none") else _transcriber_identity(self.cfg.asr)
-        out["asr"] = {"engine": tr or "none", "transcripts": self.cfg.asr.transcripts or None}
+        from data_pipeline.asr import make_transcriber
+
+        transcriber = make_transcriber(self.cfg.asr)  # None for engine "none"; models load lazily
+        out["asr"] = {"engine": transcriber.identity() if transcriber is not None else "none",
+                      "transcripts": self.cfg.asr.transcripts or None}
         return out
-
-
-def _transcriber_identity(cfg) -> dict:
-    from data_pipeline.asr import make_transcriber
-
-    return make_transcriber(cfg).identity()

@@ -99,6 +99,14 @@ def text_stream(words: Iterable[Word] | None, duration: float, encode: Callable[
     return out
 
 
+def talk_time(words: Iterable[Word]) -> dict[str, float]:
+    """Seconds each speaker talks: the sum of their word durations."""
+    talk: dict[str, float] = {}
+    for w in words:
+        talk[w.speaker] = talk.get(w.speaker, 0.0) + max(0.0, w.end - w.start)
+    return talk
+
+
 def word_onset_frames(words: Iterable[Word], frame_rate: float = FRAME_RATE) -> list[int]:
     """The frame each word's first token lands in when no word overlaps the one before."""
     return [max(0, math.floor(w.start * frame_rate)) for w in words]
