@@ -11,7 +11,7 @@ $(BIN)/moshax: pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=..." >&2; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,tpu,tfds,audio,serve,browser-test]'
+	$(BIN)/pip install -q -e '.[test,tpu,tfds,audio,beam,serve,browser-test]'
 	# model files of the data-analysis stages (their declared deps are not needed: see pyproject.toml)
 	$(BIN)/pip install -q --no-deps 'silero-vad==6.2.3' 'resemblyzer==0.1.4' 'pocketsphinx==5.1.1'
 	# the Whisper path (tests build a random-weight Whisper in-process): openai-whisper without triton

@@ -219,11 +219,16 @@ class FileAnalyzer:
             self._loaded = parts
         return self._loaded
 
-    def __call__(self, item: FileItem) -> FileResult:
+    def __call__(self, item: FileItem, local_path: str | None = None) -> FileResult:
+        """``local_path``: where the bytes of ``item.path`` are (a local copy of a remote file);
+        the results and their messages name ``item.path``."""
         result = FileResult(item)
         try:
             parts = self._parts()
-            audio = decode_stage(item.path, self.cfg)
+            try:
+                audio = decode_stage(local_path or item.path, self.cfg)
+            except StageError as e:
+                raise StageError(e.stage, str(e).replace(local_path, item.path) if local_path else str(e)) from None
             result.duration = audio.shape[-1] / SAMPLE_RATE
             streams = split_stage(audio, self.cfg, item.path, parts["vad"], parts["diarizer"])
             result.speech_seconds = streams.speech_ratio * result.duration

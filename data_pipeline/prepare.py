@@ -37,18 +37,30 @@ from data_pipeline.token_shards import sha256_file
 RUN_ONLY = ("output", "num_workers", "worker_index", "num_worker_hosts", "retry_errors", "codec_batch_size")
 
 
+# Settings only the codec reads (the fleet job's CPU stages are identified without them).
+CODEC_KEYS = ("mimi_checkpoint", "num_codebooks", "codec_chunk_seconds")
+
+
+def pipeline_settings(cfg: PrepareConfig, *, codec: bool = True) -> dict:
+    skip = RUN_ONLY + (() if codec else CODEC_KEYS)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+def plan_identity(plan: list[ShardPlan]) -> dict:
+    return {"files": sum(len(s.files) for s in plan), "shards": len(plan),
+            "files_sha256": hashlib.sha256("\n".join(f.path for s in plan for f in s.files).encode()).hexdigest()}
+
+
+def tokenizer_identity(cfg: PrepareConfig) -> dict | None:
+    if not cfg.tokenizer:
+        return None
+    return {"path": str(Path(cfg.tokenizer).resolve()), "sha256": sha256_file(cfg.tokenizer)}
+
+
 def pipeline_identity(cfg: PrepareConfig, codec, components, plan: list[ShardPlan]) -> dict:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
-    ident = {
-        "pipeline": settings,
-        "codec": codec.identity(),
-        "tokenizer": ({"path": str(Path(cfg.tokenizer).resolve()), "sha256": sha256_file(cfg.tokenizer)}
-                      if cfg.tokenizer else None),
-        "plan": {"files": sum(len(s.files) for s in plan), "shards": len(plan),
-                 "files_sha256": hashlib.sha256("\n".join(f.path for s in plan for f in s.files).encode()).hexdigest()},
-    }
-    ident.update(components.identity())
-    return ident
+    """What made the shards: settings, codec, tokenizer, the plan, the stage models."""
+    return {"pipeline": pipeline_settings(cfg), "codec": codec.identity(), "tokenizer": tokenizer_identity(cfg),
+            "plan": plan_identity(plan), **components.identity()}
 
 
 def multistream_spec(cfg: PrepareConfig, codec, text_card: int) -> dict:
@@ -58,7 +70,7 @@ def multistream_spec(cfg: PrepareConfig, codec, text_card: int) -> dict:
             "text_padding_id": PAD_ID, "text_end_padding_id": EPAD_ID, "layout": LAYOUT}
 
 
-def _text_card(cfg: PrepareConfig) -> int:
+def text_card(cfg: PrepareConfig) -> int:
     if cfg.records_text_card:
         return cfg.records_text_card
     if cfg.tokenizer:
@@ -125,7 +137,7 @@ def run_prepare(cfg: PrepareConfig, codec, components=None, *, progress: bool = 
     out = Path(cfg.output)
     identity = pipeline_identity(cfg, codec, components, plan)
     check_identity(out, identity)
-    spec = multistream_spec(cfg, codec, _text_card(cfg))
+    spec = multistream_spec(cfg, codec, text_card(cfg))
     mine = host_shards(plan, cfg.worker_index, cfg.num_worker_hosts)
 
     def finished(shard):

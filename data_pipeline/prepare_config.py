@@ -42,12 +42,13 @@ class PrepareConfig:
     retry_errors: bool = False  # also redo finished shards that recorded failed files
     records_text_card: int = 0  # text vocabulary bound written to the manifest (0: the tokenizer's size)
 
-    def validate(self) -> None:
+    def validate(self, *, codec: bool = True) -> None:
+        """``codec=False``: the settings of the CPU stages only (``moshax data beam``)."""
         if not self.inputs:
             raise DataError("no inputs: give --input DIR|GLOB|FILE|MANIFEST.jsonl")
         if not self.output:
             raise DataError("no --output directory")
-        if not self.mimi_checkpoint:
+        if codec and not self.mimi_checkpoint:
             raise DataError("no --mimi-checkpoint: the codec that turns audio into tokens")
         if self.no_words not in ("pad", "mask"):
             raise DataError(f"no_words={self.no_words!r}: pad or mask")

@@ -40,7 +40,7 @@ def shard_name(index: int) -> str:
 def plan_shards(paths: list[str], files_per_shard: int) -> list[ShardPlan]:
     if files_per_shard <= 0:
         raise DataError(f"files_per_shard={files_per_shard}: must be > 0")
-    ordered = sorted(dict.fromkeys(os.path.abspath(p) for p in paths))
+    ordered = sorted(dict.fromkeys(p if "://" in p else os.path.abspath(p) for p in paths))
     shards = []
     for k in range(0, len(ordered), files_per_shard):
         idx = k // files_per_shard

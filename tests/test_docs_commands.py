@@ -61,7 +61,24 @@ SLOW_RUN: dict[str, list[str] | None] = {
     "moshax eval --checkpoint runs/moshi_tiny --shards data/moshi_tiny/eval": None,
 }
 
+_FLEET = "tests/test_data_beam.py runs beam + tokenize-audio on synthesized dialogues (in process and as the CLI)"
 SKIP: dict[str, str] = {
+    "moshax data beam --input recordings/ --output segments/ --tokenizer spm.model --transcripts transcripts/ "
+    "diarization.num_speakers=2 -- --direct_num_workers=2 --direct_running_mode=multi_processing": _FLEET,
+    "moshax data tokenize-audio --segments segments/ --output shards/ --mimi-checkpoint mimi.safetensors": _FLEET,
+    "moshax data tokenize-audio --segments /mnt/segments --output /mnt/shards --mimi-checkpoint "
+    "/mnt/mimi.safetensors --multihost": "a TPU slice's hosts; tests/test_data_beam.py runs 2 processes on localhost",
+    "moshax data tokenize-audio ... --coordinator 10.0.0.2:1234 --num-processes 4 --process-id $I":
+        "several hosts; tests/test_data_beam.py runs 2 processes on localhost",
+    "moshax data beam --input gs://BUCKET/audio/ --output gs://BUCKET/segments/ --tokenizer spm.model --transcripts "
+    "/opt/transcripts --runner DataflowRunner -- --project PROJECT --region us-central1 --temp_location "
+    "gs://BUCKET/tmp --sdk_container_image us-docker.pkg.dev/PROJECT/moshax/beam-worker:latest --machine_type "
+    "n2-highcpu-32 --max_num_workers 40 --experiments=use_runner_v2": "Dataflow: a GCP project (no network here)",
+    "moshax data beam --input /data/audio --output /data/segments --tokenizer spm.model --runner FlinkRunner -- "
+    "--flink_master=flink-jobmanager:8081 --environment_type=DOCKER --environment_config=REGISTRY/moshax/beam-worker:latest "
+    "--parallelism=256": "a Flink cluster",
+    "moshax data beam ... --runner SparkRunner -- --spark_master_url=spark://MASTER:7077 --environment_type=DOCKER "
+    "--environment_config=REGISTRY/moshax/beam-worker:latest": "a Spark cluster",
     "moshax serve --checkpoint LM_CKPT --mimi-checkpoint MIMI_CKPT [--tokenizer tok.model] [--host 127.0.0.1] "
     "[--port 8998] [--slots 4] [--temperature 0.8] [--top-k 250] [--text-temperature 0.7] [--text-top-k 25] "
     "[--auth-token TOKEN] [--allow-origin https://example.org]":
@@ -177,6 +194,9 @@ def _parsers_for(words: list[str]) -> list[tuple[argparse.ArgumentParser, list[s
 
 
 def _flags(words: list[str]) -> list[str]:
+    """The command's own flags (after a bare ``--`` come another program's: Beam's options)."""
+    if "--" in words:
+        words = words[: words.index("--")]
     flags = []
     for w in words:
         for part in w.strip("[]").split("|"):

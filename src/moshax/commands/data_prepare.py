@@ -20,7 +20,7 @@ from pathlib import Path
 class MimiTokenizer:
     """The prepare job's codec: a Mimi checkpoint behind ``encode_batch`` / ``decode``."""
 
-    def __init__(self, checkpoint: str, num_codebooks: int, chunk_seconds: float = 10.0):
+    def __init__(self, checkpoint: str, num_codebooks: int, chunk_seconds: float = 10.0, devices=None):
         from moshax.checkpoint.model import load_codec
         from moshax.config import to_dict
         from moshax.inference.codec import CodecRunner
@@ -29,7 +29,8 @@ class MimiTokenizer:
         q = mimi.cfg.quantizer
         self.checkpoint = str(Path(checkpoint).resolve())
         self.runner = CodecRunner(mimi, num_codebooks=max(num_codebooks, q.n_q_semantic),
-                                  chunk_frames=max(1, int(round(chunk_seconds * mimi.cfg.frame_rate))))
+                                  chunk_frames=max(1, int(round(chunk_seconds * mimi.cfg.frame_rate))),
+                                  devices=devices)
         self.sample_rate = mimi.cfg.sample_rate
         self.frame_rate = mimi.cfg.frame_rate
         self.num_codebooks = self.runner.num_codebooks
@@ -62,20 +63,21 @@ def load_prepare_config(args: argparse.Namespace):
             data = yaml.safe_load(Path(args.config).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {args.config}") from None
-    flags = {"inputs": args.input, "output": args.output, "mimi_checkpoint": args.mimi_checkpoint,
-             "tokenizer": args.tokenizer, "num_workers": args.num_workers,
-             "worker_index": args.worker_index, "num_worker_hosts": args.num_worker_hosts,
-             "files_per_shard": args.files_per_shard}
+    flag = lambda name: getattr(args, name, None)  # noqa: E731 - `data beam` has a subset of the flags
+    flags = {"inputs": flag("input"), "output": flag("output"), "mimi_checkpoint": flag("mimi_checkpoint"),
+             "tokenizer": flag("tokenizer"), "num_workers": flag("num_workers"),
+             "worker_index": flag("worker_index"), "num_worker_hosts": flag("num_worker_hosts"),
+             "files_per_shard": flag("files_per_shard")}
     for key, value in flags.items():
         if value is not None:
             data[key] = value
-    if args.stereo_split:
+    if flag("stereo_split"):
         data["stereo_split"] = True
-    if args.retry_errors:
+    if flag("retry_errors"):
         data["retry_errors"] = True
-    if args.asr is not None:
+    if flag("asr") is not None:
         data.setdefault("asr", {})["engine"] = args.asr
-    if args.transcripts is not None:
+    if flag("transcripts") is not None:
         data.setdefault("asr", {})["transcripts"] = args.transcripts
     for key, value in parse_overrides(args.overrides):
         _set_dotted(data, key, value)

@@ -32,6 +32,11 @@ class BoundModel:
         self._graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)
 
+    def place(self, sharding) -> None:
+        """Put the weights on ``sharding``'s devices (e.g. replicated over a host's local
+        accelerators); call before :meth:`jit`."""
+        self._leaves = [jax.device_put(x, sharding) for x in self._leaves]
+
     def _merge(self, leaves):
         return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, leaves))
 

@@ -16,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,13 +27,22 @@ from moshax.inference.bound import BoundModel
 class CodecRunner:
     """Chunked, jitted whole-signal encode/decode for one Mimi (batch of one, mono)."""
 
-    def __init__(self, mimi, num_codebooks: int | None = None, chunk_frames: int = 125):
+    def __init__(self, mimi, num_codebooks: int | None = None, chunk_frames: int = 125, devices=None):
         q = mimi.cfg.quantizer
         k = q.num_codebooks if num_codebooks is None else int(num_codebooks)
         if not q.n_q_semantic <= k <= q.n_q:
             raise ConfigError(f"--num-codebooks {k}: this Mimi has {q.n_q} codebooks "
                               f"(use {q.n_q_semantic}..{q.n_q})")
         bound = BoundModel(mimi)  # weights bound once, transformers in the inference layout
+        # encode_batch over several local devices: rows split across them, weights replicated
+        self.devices = list(devices) if devices is not None else []
+        self._rows = None
+        if len(self.devices) > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            mesh = Mesh(np.array(self.devices), ("rows",))
+            self._rows = NamedSharding(mesh, PartitionSpec("rows"))
+            bound.place(NamedSharding(mesh, PartitionSpec()))
         self.mimi = bound.model
         self.num_codebooks = k
         self.chunk_frames = int(chunk_frames)
@@ -60,11 +70,13 @@ class CodecRunner:
         return np.concatenate(out, axis=-1)[:, :frames].astype(np.int32)
 
     def encode_batch(self, audios: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
-        """Many mono signals -> their codes, ``batch_size`` at a time: each batch is zero-padded to
-        its longest signal (and to ``batch_size`` rows, so every call has one shape and compiles
-        once); each result is cut to its own ``ceil(T / frame_size)`` frames. Equal to
+        """Many mono signals -> their codes, ``batch_size`` at a time per device: each batch is
+        zero-padded to its longest signal (and to full rows, so every call has one shape and
+        compiles once); each result is cut to its own ``ceil(T / frame_size)`` frames. Equal to
         :meth:`encode` of each signal alone (the model is causal: padding at the end changes nothing
-        before it)."""
+        before it). With several ``devices`` a call takes ``batch_size`` rows on each."""
+        if self._rows is not None:
+            batch_size *= len(self.devices)
         xs = [np.asarray(a, np.float32).reshape(-1) for a in audios]
         out: list[np.ndarray] = []
         n = self.chunk_frames * self.frame_size
@@ -75,14 +87,23 @@ class CodecRunner:
             batch = np.zeros((batch_size, 1, total), np.float32)
             for i, x in enumerate(group):
                 batch[i, 0, : x.shape[0]] = x
-            state = self.mimi.init_state(batch_size)
+            state = self._place_rows(self.mimi.init_state(batch_size), batch_size)
             chunks = []
             for start in range(0, total, n):
-                codes, state = self._enc(jnp.asarray(batch[:, :, start:start + n]), state)
+                codes, state = self._enc(self._place_rows(batch[:, :, start:start + n], batch_size), state)
                 chunks.append(np.asarray(codes))
             codes = np.concatenate(chunks, axis=-1)
             out.extend(codes[i, :, : frames[i]].astype(np.int32) for i in range(len(group)))
         return out
+
+    def _place_rows(self, tree, rows: int):
+        """Arrays (a batch, a streaming state) onto the devices: leaves with ``rows`` leading
+        rows split across them, the rest replicated (one device: the default one)."""
+        if self._rows is None:
+            return jax.tree.map(jnp.asarray, tree)
+        replicated = jax.sharding.NamedSharding(self._rows.mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda x: jax.device_put(x, self._rows if getattr(x, "ndim", 0) and x.shape[0] == rows
+                                                     else replicated), tree)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes [K, frames] -> mono audio float32 [frames * frame_size]."""
