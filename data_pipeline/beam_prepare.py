@@ -180,8 +180,17 @@ def run_beam(cfg: PrepareConfig, components=None, *, runner: str = "DirectRunner
     log(f"beam: {len(files)} files in {len(plan)} shards -> {root} (runner {runner})")
     t0 = time.perf_counter()
     options = PipelineOptions(["--runner", runner, *beam_args])
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, cfg, components, root, header)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, cfg, components, root, header)
+    except Exception as e:  # noqa: BLE001 - a worker lost, a runner error: say what is kept and how to go on
+        import traceback
+
+        log(traceback.format_exc())
+        done = sum(1 for s in plan for f in s.files if seg.read_file_result(root, f.index) is not None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"the beam job failed ({type(e).__name__}: {first}); {done} of {len(files)} files are "
+                        "finished and kept: run the same command again to go on") from None
     manifest = seg.read_manifest(root)
     s = manifest["stats"]
     log(f"beam: {s['hours_in'] * 60:.2f} min of audio, {s['records']} segments, {s['files_failed']} failed files; "

@@ -118,20 +118,22 @@ def test_a_bundle_that_fails_mid_way_is_retried_without_duplicates(env, segments
 
 
 @pytest.mark.slow  # two job starts in subprocesses
-def test_a_killed_job_run_again_resumes_without_duplicates(env, segments, tmp_path):
-    """A worker dies mid-file (between the segments and the file's summary): the job fails; the
-    same command again finishes it; every file, index and the manifest equal an undisturbed run's."""
+def test_a_killed_worker_then_the_job_run_again_resumes_without_duplicates(env, segments, tmp_path):
+    """A worker process of the multi-process DirectRunner dies mid-file (after analysing it, before
+    its summary): the job fails with one line that says what is kept; the same command again
+    finishes it; every file, index and the manifest equal an undisturbed run's."""
     from data_pipeline.beam_prepare import FAULT_ENV
 
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "moshax.cli", "data", "beam", "--input", str(env["dialogues"]), "--output",
             str(out), "--tokenizer", env["spm"], "--stereo-split", "--transcripts", str(env["dialogues"] / "truth"),
             "--files-per-shard", "2", "record_seconds=8", "codec_chunk_seconds=4", "codec_batch_size=2",
-            f"mimi_checkpoint={env['mimi']}"]
+            f"mimi_checkpoint={env['mimi']}", "--", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
     first = subprocess.run(argv, env={**os.environ, FAULT_ENV: f"kill:analyzed:{tmp_path / 'fired'}"},
                            capture_output=True, text=True, timeout=600)
     assert (tmp_path / "fired").exists()
     assert first.returncode != 0 and not (out / "segments.json").exists()
+    assert "run the same command again" in first.stderr.strip().splitlines()[-1]
     done = len(list((out / "files").glob("*.json")))
     assert done < len(env["paths"])
     second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
