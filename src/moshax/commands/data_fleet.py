@@ -37,10 +37,16 @@ def add_beam_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def beam_command(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from moshax.config import ConfigError
+
+    if importlib.util.find_spec("apache_beam") is None:
+        raise ConfigError("moshax data beam needs Apache Beam: pip install 'moshax[beam]' (plus the runner's extras, "
+                          "e.g. apache-beam[gcp] for Dataflow)")
     from data_pipeline.beam_prepare import run_beam
     from data_pipeline.stage_models import StageModels
     from moshax.commands.data_prepare import load_prepare_config
-    from moshax.config import ConfigError
 
     if args.runner not in RUNNERS:
         raise ConfigError(f"--runner {args.runner}: one of {', '.join(RUNNERS)}")
