@@ -29,7 +29,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.multistream import LAYOUT, ZERO_TOKEN
 from data_pipeline.prepare_config import PrepareConfig
 from data_pipeline.prepare_plan import ShardPlan, host_shards, plan_shards
-from data_pipeline.prepared_shards import check_identity, read_summary, write_manifest, write_shard
+from data_pipeline.prepared_shards import check_identity, read_summary, unfinished, write_manifest, write_shard
 from data_pipeline.text_stream import EPAD_ID, FRAME_RATE, PAD_ID
 from data_pipeline.token_shards import sha256_file
 
@@ -139,12 +139,7 @@ def run_prepare(cfg: PrepareConfig, codec, components=None, *, progress: bool = 
     check_identity(out, identity)
     spec = multistream_spec(cfg, codec, text_card(cfg))
     mine = host_shards(plan, cfg.worker_index, cfg.num_worker_hosts)
-
-    def finished(shard):
-        s = read_summary(out, shard)
-        return s is not None and not (cfg.retry_errors and s["errors"])
-
-    todo = [s for s in mine if not finished(s)]
+    todo = unfinished(out, mine, cfg.retry_errors)
     log(f"prepare: {len(files)} files in {len(plan)} shards; this host ({cfg.worker_index}/{cfg.num_worker_hosts}) "
         f"writes {len(mine)}, {len(mine) - len(todo)} already finished")
     items = [f for s in todo for f in s.files]

@@ -66,6 +66,15 @@ def read_summary(out_dir: Path, shard: ShardPlan) -> dict | None:
     return summary
 
 
+def unfinished(out_dir: Path, shards: list[ShardPlan], retry_errors: bool = False) -> list[ShardPlan]:
+    """The shards still to write (with ``retry_errors``, also finished ones that recorded failures)."""
+    def done(shard):
+        s = read_summary(out_dir, shard)
+        return s is not None and not (retry_errors and s["errors"])
+
+    return [s for s in shards if not done(s)]
+
+
 def remove_partial(out_dir: Path, shard: ShardPlan) -> None:
     """Temporaries of an interrupted write and the files of a shard being redone."""
     for suffix in (".array_record", ".meta.jsonl", ".json"):

@@ -23,7 +23,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.prepare import CODEC_KEYS, encode_shard, multistream_spec, pipeline_settings
 from data_pipeline.prepare_config import PrepareConfig
 from data_pipeline.prepare_plan import ShardPlan, host_shards
-from data_pipeline.prepared_shards import check_identity, read_summary, write_manifest, write_shard
+from data_pipeline.prepared_shards import check_identity, unfinished, write_manifest, write_shard
 
 # What a tokenize run may set; everything else was fixed by the beam job.
 TOKENIZE_KEYS = CODEC_KEYS + ("codec_batch_size", "retry_errors")
@@ -90,12 +90,7 @@ def run_tokenize(segments: str, output: str, codec, *, settings: dict | None = N
     spec = multistream_spec(cfg, codec, manifest["text_card"])
     errors = {e["file"]: e for e in manifest["errors"]}  # the beam job's side output
     mine = host_shards(plan, process_index, process_count)
-
-    def finished(shard):
-        s = read_summary(out, shard)
-        return s is not None and not (cfg.retry_errors and s["errors"])
-
-    todo = [s for s in mine if not finished(s)]
+    todo = unfinished(out, mine, cfg.retry_errors)
     log(f"tokenize-audio: {len(plan)} shards; process {process_index}/{process_count} writes {len(mine)}, "
         f"{len(mine) - len(todo)} already finished")
     bar = None

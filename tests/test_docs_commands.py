@@ -63,6 +63,10 @@ SLOW_RUN: dict[str, list[str] | None] = {
 
 _FLEET = "tests/test_data_beam.py runs beam + tokenize-audio on synthesized dialogues (in process and as the CLI)"
 SKIP: dict[str, str] = {
+    "moshax data beam --input DIR|gs://... --output SEGMENTS [--runner DataflowRunner] [-- BEAM_OPTIONS]":
+        "synopsis; " + _FLEET,
+    "moshax data tokenize-audio --segments SEGMENTS --output DIR --mimi-checkpoint CKPT [--multihost]":
+        "synopsis; " + _FLEET,
     "moshax data beam --input recordings/ --output segments/ --tokenizer spm.model --transcripts transcripts/ "
     "diarization.num_speakers=2 -- --direct_num_workers=2 --direct_running_mode=multi_processing": _FLEET,
     "moshax data tokenize-audio --segments segments/ --output shards/ --mimi-checkpoint mimi.safetensors": _FLEET,

@@ -22,15 +22,10 @@ RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "Port
 
 
 def add_beam_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML with PrepareConfig keys (e.g. configs/data/prepare.yaml)")
-    p.add_argument("--input", action="append", help="dir, glob, file, .jsonl manifest or scheme:// dir/glob")
-    p.add_argument("--output", help="segments directory (local or scheme://; a rerun resumes it)")
-    p.add_argument("--tokenizer", help="sentencepiece .model for the text stream")
-    p.add_argument("--asr", help="none | pocketsphinx | whisper:DIR (transcribe the main stream)")
-    p.add_argument("--transcripts", help="sidecar dir: STEM.json word times or STEM.txt plain text")
-    p.add_argument("--stereo-split", action="store_true", help="stereo input: left = main speaker, right = other")
-    p.add_argument("--files-per-shard", type=int)
-    p.add_argument("--retry-errors", action="store_true", help="analyse again the files that failed before")
+    from moshax.commands.data_prepare import add_stage_arguments
+
+    add_stage_arguments(p, output_help="segments directory (local or scheme://; a rerun resumes it)",
+                        retry_help="analyse again the files that failed before")
     p.add_argument("--runner", default="DirectRunner", help=f"Beam runner: {', '.join(RUNNERS[:4])}, ...")
     p.add_argument("overrides", nargs="*",
                    help="key=value settings (e.g. record_seconds=60), then `--` and Beam pipeline options")

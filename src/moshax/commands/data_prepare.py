@@ -89,20 +89,26 @@ def load_prepare_config(args: argparse.Namespace):
     return cfg
 
 
-def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+def add_stage_arguments(p: argparse.ArgumentParser, *, output_help: str, retry_help: str) -> None:
+    """The flags of the CPU stages' settings, shared by ``data prepare`` and ``data beam``."""
     p.add_argument("--config", help="YAML with PrepareConfig keys (e.g. configs/data/prepare.yaml)")
     p.add_argument("--input", action="append", help="dir, glob, file or .jsonl manifest (repeatable)")
-    p.add_argument("--output", help="shard directory (created; a rerun resumes it)")
-    p.add_argument("--mimi-checkpoint", help="Mimi: moshax checkpoint or Kyutai .safetensors")
+    p.add_argument("--output", help=output_help)
     p.add_argument("--tokenizer", help="sentencepiece .model for the text stream")
     p.add_argument("--asr", help="none | pocketsphinx | whisper:DIR (transcribe the main stream)")
     p.add_argument("--transcripts", help="sidecar dir: STEM.json word times or STEM.txt plain text")
     p.add_argument("--stereo-split", action="store_true", help="stereo input: left = main speaker, right = other")
+    p.add_argument("--files-per-shard", type=int)
+    p.add_argument("--retry-errors", action="store_true", help=retry_help)
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    add_stage_arguments(p, output_help="shard directory (created; a rerun resumes it)",
+                        retry_help="redo finished shards that recorded failed files")
+    p.add_argument("--mimi-checkpoint", help="Mimi: moshax checkpoint or Kyutai .safetensors")
     p.add_argument("--num-workers", type=int, help="Grain worker processes for the CPU stages")
     p.add_argument("--worker-index", type=int, help="this host's index (multi-host preparation)")
     p.add_argument("--num-worker-hosts", type=int, help="hosts sharing the job (each writes disjoint shards)")
-    p.add_argument("--files-per-shard", type=int)
-    p.add_argument("--retry-errors", action="store_true", help="redo finished shards that recorded failed files")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value (e.g. record_seconds=60 vad.threshold=0.6)")
 
