@@ -96,6 +96,12 @@ class AnalyzeFile(beam.DoFn):
     def setup(self):
         self.analyzer = FileAnalyzer(self.cfg, self.components)  # models load once per worker
 
+    # the runner's counters (the Dataflow/Flink UIs show them live; run_beam prints them at the end)
+    analysed = beam.metrics.Metrics.counter("moshax", "files_analysed")
+    reused = beam.metrics.Metrics.counter("moshax", "files_finished_before")
+    failed = beam.metrics.Metrics.counter("moshax", "files_failed")
+    audio_ms = beam.metrics.Metrics.counter("moshax", "audio_milliseconds")
+
     def process(self, item: FileItem):
         summary = seg.read_file_result(self.root, item.index)
         if summary is None or (self.cfg.retry_errors and summary["error"]):
@@ -104,6 +110,11 @@ class AnalyzeFile(beam.DoFn):
             _maybe_fail("analyzed")
             summary = seg.write_file_result(self.root, result)
             _maybe_fail("written")
+            self.analysed.inc()
+        else:
+            self.reused.inc()
+        self.failed.inc(1 if summary["error"] else 0)
+        self.audio_ms.inc(int(round(summary["duration"] * 1000)))
         brief = {k: summary[k] for k in ("index", "path", "records", "error", "duration", "speech_seconds")}
         if summary["error"]:
             yield beam.pvalue.TaggedOutput("errors", (item.index, summary["error"]))
@@ -181,8 +192,10 @@ def run_beam(cfg: PrepareConfig, components=None, *, runner: str = "DirectRunner
     t0 = time.perf_counter()
     options = PipelineOptions(["--runner", runner, *beam_args])
     try:
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, cfg, components, root, header)
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, cfg, components, root, header)
+        result = p.run()
+        result.wait_until_finish()
     except Exception as e:  # noqa: BLE001 - a worker lost, a runner error: say what is kept and how to go on
         import traceback
 
@@ -193,7 +206,18 @@ def run_beam(cfg: PrepareConfig, components=None, *, runner: str = "DirectRunner
                         "finished and kept: run the same command again to go on") from None
     manifest = seg.read_manifest(root)
     s = manifest["stats"]
-    log(f"beam: {s['hours_in'] * 60:.2f} min of audio, {s['records']} segments, {s['files_failed']} failed files; "
-        f"{time.perf_counter() - t0:.1f} s")
+    counts = _counters(result)
+    log(f"beam: {s['hours_in'] * 60:.2f} min of audio, {s['records']} segments, {s['files_failed']} failed files "
+        f"({counts.get('files_analysed', 0)} files analysed by this run, {counts.get('files_finished_before', 0)} "
+        f"finished before); {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def _counters(result) -> dict[str, int]:
+    """The job's ``moshax`` counters (committed values; runners that do not report them: {})."""
+    try:
+        found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("moshax"))["counters"]
+    except Exception:  # noqa: BLE001 - metrics are a convenience; a runner may not support the query
+        return {}
+    return {c.key.metric.name: int(c.committed or 0) for c in found}
 

@@ -19,10 +19,10 @@ from test_prepare import _bad_inputs, _cfg, _files, _run, codec, env, prepared  
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _beam(cfg, runner="DirectRunner", beam_args=()):
+def _beam(cfg, runner="DirectRunner", beam_args=(), log=None):
     from data_pipeline.beam_prepare import run_beam
 
-    return run_beam(cfg, runner=runner, beam_args=list(beam_args), log=lambda m: None)
+    return run_beam(cfg, runner=runner, beam_args=list(beam_args), log=log or (lambda m: None))
 
 
 def _tokenize(segments, out, codec, **kw):
@@ -49,8 +49,10 @@ def test_beam_then_tokenize_gives_the_shards_of_prepare(env, codec, prepared, se
     assert _files(tmp_path / "tokens") == _files(prepared)  # records, metadata, summaries, manifest: same bytes
     # a rerun of either half changes nothing and redoes nothing
     before = _segment_files(segments)
-    _beam(_cfg(env, segments))
+    said = []
+    _beam(_cfg(env, segments), log=said.append)
     assert _segment_files(segments) == before
+    assert f"(0 files analysed by this run, {len(env['paths'])} finished before)" in said[-1]
     assert _tokenize(segments, tmp_path / "tokens", codec)["shards_written"] == 0
 
 
