@@ -87,4 +87,8 @@ def test_sweep_ranks_layouts(capsys):
     table = out[out.index("ranked by predicted step time"):].splitlines()[2:]
     ranked = [float(line.split()[4]) for line in table if "skipped" not in line]
     assert len(ranked) == 2 and ranked == sorted(ranked)
+    for line in table:
+        if "skipped" not in line:  # the predicted step is the largest of its compute / HBM / ICI times
+            step, parts = float(line.split()[4]), [float(x) for x in line.split()[6].split("/")]
+            assert max(parts) == pytest.approx(step, rel=0.01, abs=0.006)
     assert any("skipped: batch" in line for line in table)  # micro-batches 3 does not divide the batch

@@ -428,13 +428,16 @@ def sweep_layouts(cfg: Config, make_task, topology: str, *, tensors=(1, 2, 4, 8)
 
 def format_sweep(rows: list[SweepRow], topology: str) -> str:
     out = [f"layouts on {topology}, ranked by predicted step time (roofline; fits only first):",
-           f"{'layout':<52} {'step ms':>9} {'bound':>8} {'tokens/s/chip':>14} {'MFU bound':>9} {'GiB/chip':>9}"]
+           f"{'layout':<52} {'step ms':>9} {'bound':>8} {'compute/HBM/ICI ms':>22} {'tokens/s/chip':>14} "
+           f"{'MFU bound':>9} {'GiB/chip':>9}"]
     for r in rows:
         if r.report is not None and r.report.roofline is not None and not r.error:
             rf = r.report.roofline
             tps = rf.tokens_per_step_per_chip / rf.step_s if rf.tokens_per_step_per_chip else float("nan")
             mfu = f"{rf.mfu_bound:.1%}" if rf.mfu_bound is not None else "-"
-            out.append(f"{r.label:<52} {rf.step_s * 1e3:9.2f} {rf.bound:>8} {tps:14,.0f} {mfu:>9} "
+            parts = "/".join(f"{t * 1e3:.0f}" if t >= 0.1 else f"{t * 1e3:.2f}"
+                             for t in (rf.compute_s, rf.memory_s, rf.comm_s))
+            out.append(f"{r.label:<52} {rf.step_s * 1e3:9.2f} {rf.bound:>8} {parts:>22} {tps:14,.0f} {mfu:>9} "
                        f"{r.report.total_bytes / GiB:9.2f}")
         else:
             mem = f" ({r.report.total_bytes / GiB:.1f} GiB/chip)" if r.report is not None else ""
