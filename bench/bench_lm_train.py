@@ -9,12 +9,21 @@ median of N steps after a warm-up step; the three measurements are interleaved s
 each after a 0.5 s pause (the other runtime's idle worker threads spin for a while after a step;
 on 2 cores that alone made the tiny reference step 8x slower).
 
-* reference: ``LMModel.forward`` + text CE + audio CE + ``backward`` (grads zeroed between steps,
-  no optimizer), torch with 2 threads, in a child process (one process with both runtimes makes
-  their thread pools fight: a 0.1 s reference step took 8 s right after a JAX step);
+* reference fwd+bwd: ``LMModel.forward`` + text CE + audio CE + ``backward``
+  (``zero_grad(set_to_none=True)`` first), torch with 2 threads, in a child process (one process
+  with both runtimes makes their thread pools fight: a 0.1 s reference step took 8 s right after
+  a JAX step);
+* reference full step: the same + ``torch.optim.AdamW(params, foreach=True).step()`` (what a
+  PyTorch training run pays per step; no gradient clipping);
 * moshax fwd+bwd: the task loss (moshi-finetune's objective) and its gradient, jitted (the same
-  work as the reference side: the ratio uses this);
-* moshax train step: the trainer's full step (fwd + bwd + clipping + AdamW update).
+  work as the reference's fwd+bwd);
+* moshax train step: the trainer's full step (fwd + bwd + clipping + AdamW update, state donated);
+* moshax update: the trainer's optimizer part alone (``Trainer._update_fn``: grads / weight,
+  global-norm clipping, AdamW, apply; params and optimizer state donated), jitted on its own.
+
+Ratios: moshax full step vs reference full step (target >= 1.1x), fwd+bwd vs fwd+bwd (target
+>= 1.0x); moshax's full step is split into fwd+bwd, update and other (the rest: step - fwd+bwd -
+update, i.e. what the fused step costs beyond its two parts, negative when fusing saves).
 
 frames/s = B x T / step time; tokens/s = frames/s x 17 streams (1 text + 16 audio), as the
 reference benchmark counts them.
@@ -90,7 +99,7 @@ def random_codes(mcfg, seed=0):
 
 
 def moshax_side(mcfg, codes):
-    """Returns (fwd_bwd, train_step, info) callables/dict for moshax on one device."""
+    """Returns (fwd_bwd, train_step, update, info): callables and a dict, moshax on one device."""
     cfg = from_dict({"model": to_dict(mcfg), "data": {"seq_len": T}, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
                      "train": {"batch_size": B, "steps": 1000, "progress": False}})
     trainer = Trainer(cfg, MoshiTask(cfg), workdir="/tmp/moshax-bench")
@@ -113,6 +122,21 @@ def moshax_side(mcfg, codes):
     m["loss"].block_until_ready()
     info["compile_step"] = time.perf_counter() - t0
 
+    # the optimizer update alone, applied to the train state itself (params and optimizer state
+    # donated, as in the step; no second copy of 3.6 GB): one more AdamW step on fixed gradients
+    update_fn = jax.jit(lambda p, o, g: trainer._update_fn(p, o, g, 1.0), donate_argnums=(0, 1))
+    grads = grad_fn(state["s"]["params"], state["s"]["rest"], codes_dev)[1]
+
+    def update():
+        s = state["s"]
+        p, o, n = update_fn(s["params"], s["opt_state"], grads)
+        state["s"] = dict(s, params=p, opt_state=o)
+        jax.block_until_ready((p, o, n))
+
+    t0 = time.perf_counter()
+    update()
+    info["compile_update"] = time.perf_counter() - t0
+
     def fwd_bwd():
         jax.block_until_ready(grad_fn(state["s"]["params"], state["s"]["rest"], codes_dev))
 
@@ -120,12 +144,13 @@ def moshax_side(mcfg, codes):
         state["s"], m = trainer.train_step(state["s"], batch)
         m["loss"].block_until_ready()
 
-    return fwd_bwd, step, info
+    return fwd_bwd, step, update, info
 
 
 def reference_worker(kw_json: str, codes_path: str) -> None:
-    """Child process: build Kyutai's LMModel with the installed moshi package, then
-    for each line "step" on stdin run one forward + text/audio CE + backward and print its time.
+    """Child process: build Kyutai's LMModel with the installed moshi package, then for each line
+    on stdin print the time of one step: "step" = forward + text/audio CE + backward, "full" = the
+    same + ``torch.optim.AdamW(foreach=True).step()``.
     In its own process: PyTorch's OpenMP threads and XLA's thread pool slow each other down
     badly when they share one (a 0.1 s reference step took 8 s after a JAX step)."""
     import json
@@ -144,6 +169,9 @@ def reference_worker(kw_json: str, codes_path: str) -> None:
     c = torch.from_numpy(np.load(codes_path).astype(np.int64))
     tgt_audio = c[:, lm.audio_offset:lm.audio_offset + lm.dep_q]
 
+    # the reference benchmark's optimizer (bench-ref bench_lm_train.py: lr 1e-4, weight decay 0.1)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+
     def step():
         lm.zero_grad(set_to_none=True)
         out = lm(c)
@@ -153,13 +181,20 @@ def reference_worker(kw_json: str, codes_path: str) -> None:
         loss.backward()
         return loss.detach().item()
 
+    def full():
+        loss = step()
+        opt.step()
+        return loss
+
     loss = step()  # warm-up
+    full()  # warm-up: AdamW allocates its state on the first step
     print(json.dumps({"params": sum(p.numel() for p in lm.parameters()), "loss": loss}), flush=True)
     for line in sys.stdin:
-        if line.strip() != "step":
+        what = line.strip()
+        if what not in ("step", "full"):
             break
         t0 = time.perf_counter()
-        step()
+        (step if what == "step" else full)()
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
@@ -187,8 +222,9 @@ class ReferenceProcess:
             if line.startswith("{"):
                 return json.loads(line)
 
-    def step(self) -> float:
-        self.proc.stdin.write("step\n")
+    def step(self, what: str = "step") -> float:
+        """Seconds of one reference step: "step" (fwd+bwd) or "full" (+ AdamW)."""
+        self.proc.stdin.write(what + "\n")
         self.proc.stdin.flush()
         return self._read()["seconds"]
 
@@ -200,29 +236,32 @@ class ReferenceProcess:
 
 def run_config(mcfg, repeats, reference=True, malloc="tuned"):
     """Build both sides (the reference in a child process), warm up, then time them interleaved
-    step by step (reference, moshax fwd+bwd, moshax train step, ...) so that a change in the
-    machine's load hits all three alike."""
+    step by step (reference fwd+bwd, reference full step, moshax fwd+bwd, moshax train step,
+    moshax update, ...) so that a change in the machine's load hits all of them alike."""
     codes = random_codes(mcfg)
     ref = ReferenceProcess(mcfg, codes, malloc) if reference else None
-    fb, st, ours = moshax_side(mcfg, codes)
+    fb, st, up, ours = moshax_side(mcfg, codes)
     fb()
     st()
-    times = {"ref": [], "fwd_bwd": [], "step": []}
+    up()
+    sides = [("fwd_bwd", fb), ("step", st), ("update", up)]
+    if ref is not None:
+        sides = [("ref_fwd_bwd", lambda: ref.step("step")), ("ref_full", lambda: ref.step("full"))] + sides
+    times = {name: [] for name, _ in sides}
     for _ in range(repeats):
-        if ref is not None:
-            time.sleep(PAUSE)
-            times["ref"].append(ref.step())
-        for name, fn in (("fwd_bwd", fb), ("step", st)):
+        for name, fn in sides:
             time.sleep(PAUSE)
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    ours.update(fwd_bwd=median(times["fwd_bwd"]), step=median(times["step"]))
+            out = fn()
+            # the reference's own timing (inside the child, without the pipe's round trip)
+            times[name].append(out if name.startswith("ref") else time.perf_counter() - t0)
+    ours.update(fwd_bwd=median(times["fwd_bwd"]), step=median(times["step"]), update=median(times["update"]))
     info = None
     if ref is not None:
         ref.close()
-        info = dict(ref.info, step=median(times["ref"]), step_min=min(times["ref"]))
-    del fb, st
+        info = dict(ref.info, fwd_bwd=median(times["ref_fwd_bwd"]), full=median(times["ref_full"]),
+                    fwd_bwd_min=min(times["ref_fwd_bwd"]), full_min=min(times["ref_full"]))
+    del fb, st, up, sides
     gc.collect()
     return ours, info
 
@@ -238,30 +277,45 @@ def main() -> None:
     reps = 3 if args.quick else 5
     tuned = args.malloc == "tuned" and tune_malloc()
     header(f"Moshi LM train step, B={B} x T={T} frames, fp32 (moshax vs PyTorch moshi 0.2.13 in the same run)")
-    print(f"malloc: {'tuned (no mmap, no trim)' if tuned else 'glibc defaults'}; load average {os.getloadavg()}")
+    print(f"malloc: {'tuned (no mmap, no trim)' if tuned else 'glibc defaults'}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     for name, mcfg in model_configs(args.configs.split(",")).items():
         ours, ref = run_config(mcfg, reps, reference=not args.no_reference, malloc=args.malloc)
         rows.append((name, mcfg, ours, ref))
-        print(f"{name}: moshax fwd+bwd {ours['fwd_bwd']:.3f}s, step {ours['step']:.3f}s"
-              + ("" if ref is None else f", reference fwd+bwd {ref['step']:.3f}s"), flush=True)
+        print(f"{name}: moshax fwd+bwd {ours['fwd_bwd']:.3f}s, step {ours['step']:.3f}s, update {ours['update']:.3f}s"
+              + ("" if ref is None else f"; reference fwd+bwd {ref['fwd_bwd']:.3f}s, full step {ref['full']:.3f}s"),
+              flush=True)
 
     frames = B * T
-    print("\n| config | params | side | step median s | frames/s | tokens/s (x17) | vs reference |")
+    print("\n| config | params | side | median s | frames/s | tokens/s (x17) | moshax vs reference (same work) |")
     print("|---|---|---|---|---|---|---|")
     for name, mcfg, ours, ref in rows:
-        k = mcfg.num_codebooks
-        base = None if ref is None else ref["step"]
+        k = mcfg.num_streams
+        n_ref = "" if ref is None else f"{ref['params'] / 1e6:.2f}M"
+        lines = []
         if ref is not None:
-            print(f"| {name} | {ref['params'] / 1e6:.2f}M | PyTorch fwd+bwd | {ref['step']:.3f} | {frames / ref['step']:.1f} "
-                  f"| {frames * k / ref['step']:.0f} | 1.00x |")
-        for side, t in (("moshax fwd+bwd", ours["fwd_bwd"]), ("moshax train step (+AdamW)", ours["step"])):
-            ratio = "" if base is None else f"{base / t:.2f}x"
-            print(f"| {name} | {ours['params'] / 1e6:.2f}M | {side} | {t:.3f} | {frames / t:.1f} | {frames * k / t:.0f} "
-                  f"| {ratio} |")
-    print(f"\n{reps} timed steps each, interleaved, after 1 warm-up; compile s (fwd+bwd / train step): "
-          + ", ".join(f"{n} {o['compile_fwd_bwd']:.1f} / {o['compile_step']:.1f}" for n, _, o, _ in rows))
-    print("target: config (b) train step >= 1.5x the reference's 76 frames/s")
+            lines += [("PyTorch fwd+bwd", ref["fwd_bwd"], "", n_ref),
+                      ("PyTorch full step (+AdamW foreach)", ref["full"], "", n_ref)]
+        lines += [("moshax fwd+bwd", ours["fwd_bwd"], "" if ref is None else f"{ref['fwd_bwd'] / ours['fwd_bwd']:.2f}x",
+                   f"{ours['params'] / 1e6:.2f}M"),
+                  ("moshax full step (trainer: +clip +AdamW)", ours["step"],
+                   "" if ref is None else f"{ref['full'] / ours['step']:.2f}x", f"{ours['params'] / 1e6:.2f}M")]
+        for side, t, ratio, n in lines:
+            print(f"| {name} | {n} | {side} | {t:.3f} | {frames / t:.1f} | {frames * k / t:.0f} | {ratio} |")
+
+    print("\n| config | moshax full step s | fwd+bwd s | update alone s | other s (step - fwd+bwd - update) |")
+    print("|---|---|---|---|---|")
+    for name, _, ours, _ in rows:
+        other = ours["step"] - ours["fwd_bwd"] - ours["update"]
+        print(f"| {name} | {ours['step']:.3f} | {ours['fwd_bwd']:.3f} ({100 * ours['fwd_bwd'] / ours['step']:.0f}%) "
+              f"| {ours['update']:.3f} ({100 * ours['update'] / ours['step']:.0f}%) | {other:.3f} |")
+    print(f"\n{reps} timed steps each, interleaved with 0.5 s pauses, after 1 warm-up; compile s "
+          "(fwd+bwd / train step / update): "
+          + ", ".join(f"{n} {o['compile_fwd_bwd']:.1f} / {o['compile_step']:.1f} / {o['compile_update']:.1f}"
+                      for n, _, o, _ in rows))
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("targets (config b): full step vs full step >= 1.1x; fwd+bwd vs fwd+bwd >= 1.0x; update alone <= 0.4 s")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,31 @@ def test_norms_are_not_decayed(devices):
     before, after = _step(cfg)
     # with a zero gradient the only change would be decay: alphas start at 1 and see tiny grads
     assert np.abs(after["out_norm"]["alpha"] - before["out_norm"]["alpha"]).max() < 2e-3
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_fused_adamw_matches_optax_chain(clip):
+    """make_optimizer's fused AdamW (no param_groups): optax's clip + adamw chain in one expression
+    per parameter, same state pytree, same numbers up to float rounding, with clipping on and off."""
+    import optax
+
+    from moshax.training.optimizer import _adamw, decay_mask, make_optimizer
+
+    cfg = tiny_lm_config(optim={"learning_rate": 1e-2, "warmup_steps": 3, "grad_clip": clip, "weight_decay": 0.1}).optim
+    axes = {"w": ("embed", "mlp"), "norm": {"alpha": ("norm",)}}
+    g = np.random.default_rng(0)
+    params = {"w": g.standard_normal((8, 16)).astype(np.float32), "norm": {"alpha": np.ones(16, np.float32)}}
+    fused, _ = make_optimizer(cfg, 20, axes)
+    parts = ([optax.clip_by_global_norm(clip)] if clip else []) + [_adamw(cfg, make_schedule(cfg, 20), decay_mask(axes))]
+    ref = optax.chain(*parts)
+    states = {"fused": (params, fused.init(params)), "ref": (params, ref.init(params))}
+    assert jax.tree.structure(states["fused"][1]) == jax.tree.structure(states["ref"][1])
+    for step in range(5):
+        scale = 30.0 if step % 2 else 0.01  # global norm above and below the clip threshold
+        grads = jax.tree.map(lambda p: scale * g.standard_normal(p.shape).astype(np.float32), params)
+        for name, tx in (("fused", fused), ("ref", ref)):
+            p, s = states[name]
+            u, s = jax.jit(tx.update)(grads, s, p)
+            states[name] = (optax.apply_updates(p, u), s)
+    for a, b in zip(jax.tree.leaves(states["fused"]), jax.tree.leaves(states["ref"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)

@@ -4,7 +4,8 @@
 ``nnx.State`` flattens every Variable in Python: for Mimi's 88 weights either costs milliseconds
 per call, as much as a streamed frame's compute. :class:`BoundModel` flattens the weights once into a
 list of arrays (flattened in C++ per call) and, by default, switches the model's transformers to
-the unstacked inference layout (see :mod:`moshax.layers.transformer`).
+the unstacked inference layout (see :mod:`moshax.layers.transformer`) and calls the
+``inference_layout()`` of every module that has one (Mimi's quantizer: centroids computed once).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class BoundModel:
         model = nnx.merge(*nnx.split(model))
         if unstack:
             unstack_for_inference(model)
+            for _, module in list(nnx.iter_graph(model)):  # e.g. Mimi's codebooks: centroids computed once
+                if isinstance(module, nnx.Module) and hasattr(module, "inference_layout"):
+                    module.inference_layout()
         self.model = model
         self._graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)

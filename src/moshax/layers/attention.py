@@ -51,10 +51,13 @@ def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, ca
     returns (out [B, T, H, D], the cache with this chunk written, or None)."""
     if cache is None:
         return attention(q, k, v, positions, positions, context=context, causal=causal, impl=impl), None
-    if k.shape[1] == 1 and causal and context is not None and cache.k.shape[1] >= context:
-        # One decode step: write first, then attend over the ring alone (as Kyutai's RingKVCache).
-        # The slot it overwrites held position p - capacity, outside the window; this avoids
-        # copying the whole cache into a concatenation every step.
+    if causal and context is not None and cache.k.shape[1] >= context + k.shape[1] - 1:
+        # A decode step of T positions, the ring at least context + T - 1 long: write first, then
+        # attend over the ring alone (as Kyutai's RingKVCache). The slots it overwrites held
+        # positions p - capacity, outside the window of every query of the chunk (the causal mask
+        # hides the chunk's later keys from its earlier queries); this avoids copying the whole
+        # cache into a concatenation (and XLA the cache itself) every step. Mimi's 2-step frames
+        # get a ring of context + 1 for this (Mimi.init_state).
         cache = cache.write(k, v, positions)
         return attention(q, cache.k.astype(k.dtype), cache.v.astype(v.dtype), positions, cache.pos,
                          context=context, causal=causal, impl=impl), cache

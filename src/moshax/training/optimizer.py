@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from moshax.config import ConfigError, OptimConfig
@@ -54,8 +55,53 @@ def _adamw(cfg: OptimConfig, schedule, mask, *, weight_decay=None, b1=None, b2=N
                        weight_decay=cfg.weight_decay if weight_decay is None else weight_decay, mask=mask)
 
 
+def fused_adamw(cfg: OptimConfig, schedule, mask, reference: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``reference`` = ``chain([clip_by_global_norm], adamw(schedule, mask))`` computed in one
+    elementwise expression per parameter: same state pytree (checkpoints are interchangeable),
+    same math up to float rounding. optax's chain materializes the clipped gradient (a division
+    by the norm: XLA does not duplicate a divide into its two users, the mu and nu updates) and
+    divides by the bias corrections; here every scalar factor is folded into one multiplier per
+    moment, so XLA reads g, mu, nu and p and writes mu, nu and p with nothing in between
+    (the update of a 299M-param model is memory bound: see docs/performance.md)."""
+    b1, b2, eps, wd = cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay
+
+    def update(grads, state, params):
+        if params is None:
+            raise ValueError("fused_adamw needs the params (weight decay)")
+        *clip_state, (adam, masked, sched) = state
+        scale = jnp.ones((), jnp.float32)
+        if cfg.grad_clip:  # optax.clip_by_global_norm: g * max_norm / norm when norm >= max_norm
+            norm = optax.global_norm(grads)
+            scale = jnp.where(norm < cfg.grad_clip, 1.0, cfg.grad_clip / norm)
+        count = optax.safe_increment(adam.count)
+        c1 = 1.0 / (1.0 - jnp.asarray(b1, jnp.float32) ** count)  # bias corrections
+        c2 = 1.0 / (1.0 - jnp.asarray(b2, jnp.float32) ** count)
+        step_size = -schedule(sched.count)
+
+        def one(g, m, v, p, decay):
+            g = g * scale.astype(g.dtype)
+            m = (1 - b1) * g + b1 * m
+            v = (1 - b2) * (g * g) + b2 * v
+            u = (m * c1.astype(m.dtype)) / (jnp.sqrt(v * c2.astype(v.dtype)) + eps)
+            if decay and wd:
+                u = u + wd * p
+            return m, v, (step_size * u).astype(p.dtype)
+
+        flat_g, treedef = jax.tree.flatten(grads)
+        leaves = [one(*a) for a in zip(flat_g, treedef.flatten_up_to(adam.mu), treedef.flatten_up_to(adam.nu),
+                                       treedef.flatten_up_to(params), treedef.flatten_up_to(mask))]
+        mu, nu, updates = (treedef.unflatten(x) for x in zip(*leaves))
+        new_state = (*clip_state, (adam._replace(count=count, mu=mu, nu=nu), masked,
+                                   sched._replace(count=optax.safe_increment(sched.count))))
+        return updates, tuple(new_state)
+
+    return optax.GradientTransformation(reference.init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, axes: dict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns (transformation, the base schedule reported as ``learning_rate``)."""
+    """Returns (transformation, the base schedule reported as ``learning_rate``). Without
+    ``param_groups`` it is :func:`fused_adamw` (optax's chain, fused); with them, optax's
+    ``multi_transform``."""
     schedule = make_schedule(cfg, total_steps)
     mask = decay_mask(axes)
     parts = []
@@ -63,6 +109,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, axes: dict) -> tuple[opta
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     if not cfg.param_groups:
         parts.append(_adamw(cfg, schedule, mask))
+        return fused_adamw(cfg, schedule, mask, optax.chain(*parts)), schedule
     else:
         labels = param_labels(axes, cfg)
 

@@ -154,14 +154,17 @@ class Mimi(nnx.Module):
     # ---------------------------------------------------------------- streaming
 
     def init_state(self, batch: int) -> MimiState:
-        """A fresh streaming state; every leaf is its own buffer, so a step may donate it."""
+        """A fresh streaming state; every leaf is its own buffer, so a step may donate it. The
+        transformers' KV rings hold context + steps per frame - 1 entries: one frame's steps are
+        written in place before attending (see :func:`moshax.layers.attention.attend`)."""
+        capacity = self.cfg.transformer.context + max(self.cfg.downsample_stride, 1) - 1
         return MimiState(
             encoder=self.encoder.init_state(batch),
-            encoder_cache=self.encoder_transformer.init_state(batch),
+            encoder_cache=self.encoder_transformer.init_state(batch, capacity),
             encoder_offset=jnp.zeros((batch,), jnp.int32),
             downsample=None if self.downsample is None else self.downsample.init_state(batch),
             upsample=None if self.upsample is None else self.upsample.init_state(batch),
-            decoder_cache=self.decoder_transformer.init_state(batch),
+            decoder_cache=self.decoder_transformer.init_state(batch, capacity),
             decoder_offset=jnp.zeros((batch,), jnp.int32),
             decoder=self.decoder.init_state(batch),
         )
