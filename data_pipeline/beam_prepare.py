@@ -41,6 +41,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.prepare import pipeline_settings, plan_identity, text_card, tokenizer_identity
 from data_pipeline.prepare_config import PrepareConfig
 from data_pipeline.prepare_plan import FileItem, plan_shards
+from data_pipeline.prepared_shards import dumps
 
 # Fault injection for the tests (see _maybe_fail).
 FAULT_ENV = "MOSHAX_BEAM_FAULT"
@@ -125,7 +126,7 @@ def write_shard_index(keyed, root: str) -> dict:
     """One planned shard's files, in input order; its totals for ``segments.json``."""
     shard, files = keyed
     summary = seg.shard_summary(shard, list(files))
-    storage.write_text(seg.shard_index_path(root, shard), seg.dumps(summary))
+    storage.write_text(seg.shard_index_path(root, shard), dumps(summary))
     fs = summary["files"]
     return {"shard": shard, "files": len(fs), "files_failed": sum(1 for f in fs if f["error"]),
             "records": sum(f["records"] for f in fs), "seconds_in": sum(f["duration"] for f in fs),
@@ -143,7 +144,7 @@ def finish(_, root: str, header: dict, shards: list[dict], errors: list) -> dict
              "hours_in": round(sum(s["seconds_in"] for s in shards) / 3600, 6),
              "speech_hours": round(sum(s["speech_seconds"] for s in shards) / 3600, 6)}
     manifest = {"format": seg.FORMAT, **header, "stats": stats, "errors": [e for _, e in sorted(errors)]}
-    storage.write_text(storage.join(root, seg.MANIFEST), seg.dumps(manifest))
+    storage.write_text(storage.join(root, seg.MANIFEST), dumps(manifest))
     return stats
 
 

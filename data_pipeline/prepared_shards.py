@@ -41,7 +41,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _dumps(obj) -> str:
+def dumps(obj) -> str:
+    """The JSON of summaries, identities and manifests: sorted keys, one byte sequence per value."""
     return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
@@ -104,7 +105,7 @@ def write_shard(out_dir: Path, shard: ShardPlan, records: list[tuple[np.ndarray,
         _atomic_write_text(meta, "".join(json.dumps(m, sort_keys=True, ensure_ascii=False) + "\n"
                                          for _, m in records))
         summary.update(path=data.name, metadata=meta.name, sha256=sha256_file(data))
-    _atomic_write_text(summary_path(out_dir, shard), _dumps(summary))
+    _atomic_write_text(summary_path(out_dir, shard), dumps(summary))
     return summary
 
 
@@ -122,23 +123,27 @@ def _differing(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_identity(out_dir: Path, identity: dict) -> None:
+def check_identity(out_dir: Path | str, identity: dict, *, made: str = "was prepared") -> None:
     """The first run writes what makes the shards (inputs' plan, settings, models); a rerun into the
-    same directory with other settings would mix two datasets: refuse it in one line."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    p = out_dir / IDENTITY
-    text = _dumps(identity)
-    if p.is_file():
+    same directory with other settings would mix two datasets: refuse it in one line. ``out_dir``
+    may be any :mod:`data_pipeline.storage` path (the fleet job's segments)."""
+    from data_pipeline import storage
+
+    root = str(out_dir)
+    storage.makedirs(root)
+    p = storage.join(root, IDENTITY)
+    text = dumps(identity)
+    if storage.exists(p):
         try:
-            old = json.loads(p.read_text(encoding="utf-8"))
+            old = json.loads(storage.read_text(p))
         except json.JSONDecodeError:
             old = None
         if old == json.loads(text):
             return
         diff = _differing(old or {}, json.loads(text))
-        raise DataError(f"{out_dir} was prepared with other settings (differing: {', '.join(diff) or 'all'}); "
+        raise DataError(f"{root} {made} with other settings (differing: {', '.join(diff) or 'all'}); "
                         "use a new --output, or delete it to start over")
-    _atomic_write_text(p, text)
+    storage.write_text(p, text)
 
 
 def _sum_stats(summaries: list[dict]) -> dict:
@@ -184,5 +189,5 @@ def write_manifest(out_dir: Path, plan: list[ShardPlan], *, spec: dict, identity
         "failures": [{"item": e["file"], "error": f"{e['stage']}: {e['reason']}"} for e in errors],
         **identity,
     }
-    _atomic_write_text(out_dir / MANIFEST, _dumps(manifest))
+    _atomic_write_text(out_dir / MANIFEST, dumps(manifest))
     return manifest

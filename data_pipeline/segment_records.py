@@ -22,7 +22,6 @@ the same name: no duplicate, nothing missing.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 
@@ -32,16 +31,15 @@ from data_pipeline import storage
 from data_pipeline.analyze import FileResult, Segment
 from data_pipeline.errors import DataError
 from data_pipeline.prepare_plan import FileItem, ShardPlan
+from data_pipeline import prepared_shards
+from data_pipeline.prepared_shards import dumps
+from data_pipeline.token_shards import sha256_file
 
 FILE_FORMAT = "moshax-segments-file/1"
 SHARD_FORMAT = "moshax-segments-shard/1"
 FORMAT = "moshax-segments/1"
 MANIFEST = "segments.json"
 PLAN = "plan.jsonl"
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def file_stem(index: int) -> str:
@@ -106,8 +104,7 @@ def write_file_result(root: str, result: FileResult) -> dict:
             for seg in result.segments:
                 writer.write(encode_segment(seg))
             writer.close()
-            with open(local, "rb") as f:
-                summary["sha256"] = hashlib.sha256(f.read()).hexdigest()
+            summary["sha256"] = sha256_file(local)
         summary["data"] = data
     storage.write_text(storage.join(root, file_stem(item.index) + ".json"), dumps(summary))
     return summary
@@ -123,9 +120,7 @@ def load_file_result(root: str, summary: dict) -> FileResult:
     if not summary["records"]:
         return result
     with storage.local_copy(storage.join(root, summary["data"])) as local:
-        with open(local, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != summary["sha256"]:
+        if sha256_file(local) != summary["sha256"]:
             raise DataError(f"{storage.join(root, summary['data'])}: sha256 differs from its summary "
                             "(a damaged segments file: rerun `moshax data beam` into the same directory)")
         reader = ArrayRecordReader(local)
@@ -182,19 +177,7 @@ def parse_plan_line(line: str) -> FileItem:
 
 
 def check_identity(root: str, identity: dict) -> None:
-    """Refuse a rerun into ``root`` with other settings (the same rule as ``moshax data prepare``)."""
-    from data_pipeline.prepared_shards import IDENTITY, _differing
-
-    path = storage.join(root, IDENTITY)
-    new = json.loads(dumps(identity))
-    if storage.exists(path):
-        old = json.loads(storage.read_text(path))
-        if old != new:
-            diff = _differing(old, new)
-            raise DataError(f"{root} holds segments made with other settings (differing: {', '.join(diff) or 'all'}); "
-                            "use a new --output, or delete it to start over")
-        return
-    storage.makedirs(root)
+    """Refuse a rerun into ``root`` with other settings (``prepare``'s rule), then make the layout."""
+    prepared_shards.check_identity(root, identity, made="holds segments made")
     storage.makedirs(storage.join(root, "files"))
     storage.makedirs(storage.join(root, "shards"))
-    storage.write_text(path, dumps(identity))
