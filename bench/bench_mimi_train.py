@@ -1,12 +1,23 @@
 """Mimi train step on this CPU, full released architecture, B=4 x 2 s crops: moshax (JAX, jitted)
 vs the PyTorch reference (moshi 0.2.13 in train mode, 2 threads) in one run, same weights and crops.
 
-    NO_TORCH_COMPILE=1 .venv/bin/python bench/bench_mimi_train.py [--repeats 5] [--gan]
+    NO_TORCH_COMPILE=1 .venv/bin/python bench/bench_mimi_train.py [--repeats 5] [--gan] [--malloc default]
 
-Both sides run the same work (the reference through bench/reference.py and the installed moshi): forward in train mode (EMA
-codebook updates, commitment penalty), loss = L1 + MSE reconstruction + penalty, backward; no
-optimizer step. ``--gan`` adds moshax's whole codec training step (the Trainer's jitted step:
-generator + EnCodec-size MS-STFT discriminator, hinge + feature matching + commitment + mel-teacher
+Both sides run the same work (the reference through bench/reference.py and the installed moshi):
+
+* fwd+bwd: forward in train mode (EMA codebook updates, commitment penalty), loss = L1 + MSE
+  reconstruction + penalty, backward (the reference zeroes its grads with ``set_to_none``);
+* full step: the same + AdamW (reference: ``torch.optim.AdamW(foreach=True).step()``, lr 1e-4,
+  weight decay 0.1, as bench_lm_train.py; moshax: the trainer's optimizer from
+  ``training/optimizer.py`` (clipping + fused AdamW), params and optimizer state donated).
+
+The reference runs in a child process (the two runtimes' thread pools slow each other down in
+one); the four measurements are interleaved step by step after 0.5 s pauses, so a change in the
+machine's load hits them alike. Target (../shared/targets.md): full step vs full step >= 1.2x.
+``--malloc tuned`` (default) applies bench_lm_train.py's glibc setting to both sides.
+
+``--gan`` adds moshax's whole codec training step (the Trainer's jitted step: generator +
+EnCodec-size MS-STFT discriminator, hinge + feature matching + commitment + mel-teacher
 distillation, AdamW update) on the same crops, which has no counterpart in the reference.
 """
 
@@ -15,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,54 +38,154 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mimi import REF, ref_common  # noqa: E402
+from bench_lm_train import PAUSE, tune_malloc  # noqa: E402
 from common import header, median  # noqa: E402
 
 B, CROP_S = 4, 2.0
 
 
-REF_SCRIPT = r"""
-import json, sys, time
-import numpy as np, torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
-rc_path, weights, crops_path, out = sys.argv[1:5]
-import importlib.util
-spec = importlib.util.spec_from_file_location("bench_ref_common", rc_path)
-rc = importlib.util.module_from_spec(spec); spec.loader.exec_module(rc)
-ref, _ = rc.build_full_mimi()
-ref.load_state_dict(load_file(weights))
-ref.train()
-crops = torch.from_numpy(np.load(crops_path))
-ts = []
-for i, xb in enumerate(crops):
-    t = time.perf_counter()
-    ref.zero_grad(set_to_none=True)
-    q = ref(xb)
-    loss = F.l1_loss(q.x, xb) + F.mse_loss(q.x, xb) + q.penalty
-    loss.backward()
-    if i:
-        ts.append(time.perf_counter() - t)
-json.dump({"steps": ts, "loss": loss.item(), "threads": torch.get_num_threads()}, open(out, "w"))
-"""
+def reference_worker(rc_path: str, weights: str, crops_path: str) -> None:
+    """Child process: for each line "step I" / "full I" on stdin, time one reference step on crop I."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    if os.environ.get("MOSHAX_BENCH_MALLOC") == "tuned":
+        tune_malloc()
+    spec = importlib.util.spec_from_file_location("bench_ref_common", rc_path)
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    ref, _ = rc.build_full_mimi()
+    ref.load_state_dict(load_file(weights))
+    ref.train()
+    crops = torch.from_numpy(np.load(crops_path))
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+
+    def step(i):
+        ref.zero_grad(set_to_none=True)
+        q = ref(crops[i])
+        loss = F.l1_loss(q.x, crops[i]) + F.mse_loss(q.x, crops[i]) + q.penalty
+        loss.backward()
+        return loss.item()
+
+    loss = step(0)
+    step(0)
+    opt.step()  # warm-up: AdamW allocates its state on the first step
+    print(json.dumps({"loss": loss, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        what, i = line.split()
+        t0 = time.perf_counter()
+        loss = step(int(i))
+        if what == "full":
+            opt.step()
+        print(json.dumps({"seconds": time.perf_counter() - t0, "loss": loss}), flush=True)
+
+
+class ReferenceProcess:
+    def __init__(self, weights: str, crops: str, malloc: str):
+        env = dict(os.environ, MOSHAX_BENCH_MALLOC=malloc, NO_TORCH_COMPILE="1")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--reference-worker", str(REF), weights, crops],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit("reference worker died (its error is above)")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def step(self, what: str, i: int) -> dict:
+        self.proc.stdin.write(f"{what} {i}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def moshax_side(model, cfg, crops):
+    """Returns (fwd_bwd(i), full_step(i), info) for the jitted moshax steps on crop i."""
+    from moshax.config import OptimConfig
+    from moshax.models.mimi.model import Mimi
+    from moshax.parallel.partition import ModelHandle
+    from moshax.training.optimizer import make_optimizer
+
+    handle = ModelHandle.from_constructor(lambda r: Mimi(cfg, rngs=r))
+    _, p_state, r_state = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(p_state))
+    rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(r_state))
+    tx, _ = make_optimizer(OptimConfig(learning_rate=1e-4, warmup_steps=0), 1000, handle.axes())
+    state = {"params": params, "rest": rest, "opt": tx.init(params)}
+
+    def loss_and_grads(params, rest, x, key, step_i):
+        def loss_fn(p):
+            m = handle.merge(p, rest)
+            out = m.train_forward(x, key, step=step_i)
+            y = out.audio
+            loss = jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x)) + out.penalty
+            return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, new_rest
+
+    def train_step(params, opt, rest, x, key, step_i):
+        loss, grads, new_rest = loss_and_grads(params, rest, x, key, step_i)
+        updates, opt = tx.update(grads, opt, params)
+        return loss, optax.apply_updates(params, updates), opt, new_rest
+
+    fb = jax.jit(loss_and_grads)
+    st = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    xs = [jnp.asarray(c) for c in crops]
+    info = {}
+
+    def fwd_bwd(i):
+        loss, grads, state["rest"] = fb(state["params"], state["rest"], xs[i], jax.random.key(i), i)
+        jax.block_until_ready(grads)
+        return float(loss)
+
+    def full(i):
+        loss, state["params"], state["opt"], state["rest"] = st(state["params"], state["opt"], state["rest"],
+                                                               xs[i], jax.random.key(i), i)
+        jax.block_until_ready(state["params"])
+        return float(loss)
+
+    for name, fn in (("compile_fwd_bwd", fwd_bwd), ("compile_step", full)):
+        t0 = time.perf_counter()
+        info["loss"] = fn(0)
+        info[name] = time.perf_counter() - t0
+    return fwd_bwd, full, info
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gan", action="store_true", help="also time moshax's full GAN train step (Trainer)")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
+    ap.add_argument("--reference-worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    header(f"Mimi train step (forward + L1/MSE/commitment + backward), B={B} x {CROP_S:.0f} s: moshax vs reference")
+    if args.reference_worker:
+        reference_worker(*args.reference_worker)
+        return 0
+    if args.malloc == "tuned":
+        tune_malloc()
+    header(f"Mimi train step (forward + L1/MSE/commitment + backward [+ AdamW]), B={B} x {CROP_S:.0f} s: "
+           "moshax vs reference")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rc = ref_common()
     import torch
 
     from moshax.interop.mimi_weights import mimi_from_kyutai_state_dict
     from moshax.models.mimi.config import MimiConfig
-    from moshax.models.mimi.model import Mimi
-    from moshax.parallel.partition import ModelHandle
 
     ref, _ = rc.build_full_mimi()
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
@@ -90,64 +202,49 @@ def main() -> int:
         starts = torch.randint(0, pool.shape[-1] - n, (B,), generator=g)
         return torch.stack([pool[i % pool.shape[0], :, s:s + n] for i, s in enumerate(starts.tolist())])
 
-    crops = [batch() for _ in range(1 + args.repeats)]
-
-    # reference side first, in its own process (thread pools of torch and XLA slow each other down
-    # when they share one), same weights and crops
-    with tempfile.TemporaryDirectory() as tmp:
+    crops = np.stack([batch().numpy() for _ in range(1 + args.repeats)])
+    tmp = tempfile.mkdtemp()
+    try:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous() for k, v in ref.state_dict().items()}, f"{tmp}/w.safetensors")
-        np.save(f"{tmp}/crops.npy", np.stack([c.numpy() for c in crops]))
-        r = subprocess.run([sys.executable, "-c", REF_SCRIPT, str(REF), f"{tmp}/w.safetensors",
-                            f"{tmp}/crops.npy", f"{tmp}/out.json"], capture_output=True, text=True,
-                           env=dict(os.environ, NO_TORCH_COMPILE="1"))
-        if r.returncode != 0:
-            raise SystemExit(f"reference side failed:\n{r.stderr[-3000:]}")
-        theirs = json.loads(Path(f"{tmp}/out.json").read_text())
-    del ref
-
-    # ---- moshax: same loss, value_and_grad over the params, EMA buffers carried as state
-    handle = ModelHandle.from_constructor(lambda r: Mimi(cfg, rngs=r))
-    _, p_state, r_state = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.to_pure_dict(p_state), nnx.to_pure_dict(r_state)
-    params = jax.tree.map(jnp.asarray, params)
-    rest = jax.tree.map(jnp.asarray, rest)
-
-    def step(params, rest, x, key, step_i):
-        def loss_fn(p):
-            m = handle.merge(p, rest)
-            out = m.train_forward(x, key, step=step_i)
-            y = out.audio
-            loss = jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x)) + out.penalty
-            return loss, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
-
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, grads, new_rest
-
-    jstep = jax.jit(step)
-    t0 = time.perf_counter()
-    loss, grads, rest = jstep(params, rest, jnp.asarray(crops[0].numpy()), jax.random.key(0), 0)
-    jax.block_until_ready(grads)
-    print(f"moshax compile + first step {time.perf_counter() - t0:.1f}s, loss {float(loss):.4f}")
-    ours = []
-    for i, xb in enumerate(crops[1:], 1):
-        x = jnp.asarray(xb.numpy())
-        t = time.perf_counter()
-        loss, grads, rest = jstep(params, rest, x, jax.random.key(i), i)
-        jax.block_until_ready(grads)
-        ours.append(time.perf_counter() - t)
+        np.save(f"{tmp}/crops.npy", crops)
+        del ref
+        theirs = ReferenceProcess(f"{tmp}/w.safetensors", f"{tmp}/crops.npy", args.malloc)
+        fwd_bwd, full, info = moshax_side(model, cfg, crops)
+        print(f"moshax compile + first step: fwd+bwd {info['compile_fwd_bwd']:.1f}s, full step "
+              f"{info['compile_step']:.1f}s")
+        times = {k: [] for k in ("ref_fb", "ref_full", "fb", "full")}
+        losses = {}
+        for i in range(1, 1 + args.repeats):
+            for key, fn in (("ref_fb", lambda i: theirs.step("step", i)), ("ref_full", lambda i: theirs.step("full", i)),
+                            ("fb", fwd_bwd), ("full", full)):
+                time.sleep(PAUSE)
+                t0 = time.perf_counter()
+                out = fn(i)
+                dt = time.perf_counter() - t0
+                if key.startswith("ref"):
+                    dt, out = out["seconds"], out["loss"]
+                times[key].append(dt)
+                losses[key] = out
+        theirs.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     audio_s = B * CROP_S
-    mo, mt = median(ours), median(theirs["steps"])
+    m = {k: median(v) for k, v in times.items()}
     print()
-    print("| forward+backward, 4 x 2 s, train mode | median s | min s | audio s / wall s |")
+    print(f"| Mimi train step, {B} x {CROP_S:.0f} s, train mode | median s | min s | audio s / wall s |")
     print("|---|---|---|---|")
-    print(f"| moshax (jax.jit) | {mo:.3f} | {min(ours):.3f} | {audio_s / mo:.2f} |")
-    print(f"| reference (torch, {theirs['threads']} threads, own process) | {mt:.3f} | {min(theirs['steps']):.3f} | "
-          f"{audio_s / mt:.2f} |")
-    print(f"moshax / reference: {mt / mo:.2f}x (target >= 1.5x); last losses moshax {float(loss):.4f}, "
-          f"reference {theirs['loss']:.4f}; {args.repeats} timed steps after 1 warm-up, same crops, fp32")
+    for key, label in (("fb", "moshax fwd+bwd (jax.jit)"), ("ref_fb", "reference fwd+bwd (torch, own process)"),
+                       ("full", "moshax full step (+ clip + fused AdamW, donated)"),
+                       ("ref_full", "reference full step (+ AdamW foreach)")):
+        print(f"| {label} | {m[key]:.3f} | {min(times[key]):.3f} | {audio_s / m[key]:.2f} |")
+    print(f"moshax / reference: full step {m['ref_full'] / m['full']:.2f}x (target >= 1.2x), fwd+bwd "
+          f"{m['ref_fb'] / m['fb']:.2f}x; last losses moshax {losses['full']:.4f}, reference {losses['ref_full']:.4f}; "
+          f"{args.repeats} timed steps of each after warm-up, same crops, fp32, reference threads "
+          f"{theirs.info['threads']}, malloc {args.malloc}")
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     if args.gan:
         from moshax.config import from_dict

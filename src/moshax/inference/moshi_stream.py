@@ -158,6 +158,24 @@ def unroll_depformer(model) -> None:
         steps.append(nnx.List(layers))
     model.depformer_steps = nnx.List(steps)
     dep.layers = None
+    # the per-step input projection, embedding table and output head, each its own array: a
+    # static slice of the stacked ones is a copy before every matmul (XLA:CPU copied 40 MB per
+    # frame of config (b) that way, at ~1 GB/s)
+    emb = model.depformer_emb[...]
+    model.depformer_step_weights = nnx.List([
+        _DepthStepWeights(model.depformer_in[...][_static_in_index(model.cfg, s)],
+                          model.depformer_text_emb[...] if s == 0 else emb[s - 1], model.linears[...][s])
+        for s in range(dep.depth_steps)])
+
+
+class _DepthStepWeights(nnx.Module):
+    """One depth step's own copies of ``depformer_in``, its input embedding table and its head
+    (:func:`unroll_depformer`)."""
+
+    def __init__(self, w_in, table, head):
+        self.w_in = nnx.Param(jnp.array(w_in))
+        self.table = nnx.Param(jnp.array(table))
+        self.head = nnx.Param(jnp.array(head))
 
 
 def depth_sample_unrolled(model, transformer_out, text_token, keys, sampling: Sampling):
@@ -171,14 +189,13 @@ def depth_sample_unrolled(model, transformer_out, text_token, keys, sampling: Sa
     caches = [KVCache.empty(b, cfg.dep_q, d.num_heads, d.head_dim, model.depformer.dtype) for _ in range(d.num_layers)]
     prev, toks = text_token, []
     for s in range(cfg.dep_q):
-        w_in = model.depformer_in[...][_static_in_index(cfg, s)]
-        x = jnp.einsum("bd,de->be", transformer_out.astype(dt), w_in.astype(dt))
-        table = model.depformer_text_emb[...] if s == 0 else model.depformer_emb[...][s - 1]
-        x = (x + _embed(table, prev).astype(dt))[:, None]
+        own = model.depformer_step_weights[s]
+        x = jnp.einsum("bd,de->be", transformer_out.astype(dt), own.w_in[...].astype(dt))
+        x = (x + _embed(own.table[...], prev).astype(dt))[:, None]
         positions = jnp.full((b, 1), s, jnp.int32)
         for layer, block in enumerate(model.depformer_steps[s]):
             x, caches[layer] = block(x, positions, caches[layer])
-        logits = jnp.einsum("bd,dv->bv", x[:, 0].astype(dt), model.linears[...][s].astype(dt)).astype(jnp.float32)
+        logits = jnp.einsum("bd,dv->bv", x[:, 0].astype(dt), own.head[...].astype(dt)).astype(jnp.float32)
         prev = sample(logits, keys[s], sampling.temperature, sampling.top_k)
         toks.append(prev)
     return jnp.stack(toks, axis=1)
