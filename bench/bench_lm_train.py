@@ -28,12 +28,13 @@ update, i.e. what the fused step costs beyond its two parts, negative when fusin
 frames/s = B x T / step time; tokens/s = frames/s x 17 streams (1 text + 16 audio), as the
 reference benchmark counts them.
 
-``--malloc tuned`` (the default) asks glibc to serve large blocks from the heap and keep freed
-memory (``mallopt``: no mmap, no trim; the same as ``MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=2147483647``). XLA:CPU and PyTorch allocate their step buffers with
-malloc; by default every block above 32 MB is a fresh mmap whose pages fault in on first touch,
-which on this VM writes ~8x slower than resident memory (1.9 vs 17 GB/s measured). Both sides of
-the comparison get the same allocator setting; ``--malloc default`` leaves glibc alone.
+``--malloc tuned`` (the default) applies the ``moshax`` command's CPU allocator setting
+(:mod:`moshax.host_malloc`: glibc ``mallopt`` with no mmap for large blocks, no trimming, one
+arena) to both sides: XLA:CPU and PyTorch allocate their step buffers with malloc, and with
+glibc's defaults the freed blocks go back to the OS and fault in again on the next step (first
+touch writes ~8x slower than resident memory on this VM; config (b)'s step faulted 2 GB in per
+step). ``MOSHAX_BENCH_ARENAS=0`` keeps glibc's per-thread arenas (the setting before
+2026-12-02: no mmap, trim threshold 2 GiB); ``--malloc default`` leaves glibc alone.
 """
 
 from __future__ import annotations
@@ -69,15 +70,11 @@ LM_B = dict(dim=768, num_layers=12, num_heads=12, text_card=32000, card=2048, co
 
 
 def tune_malloc() -> bool:
-    """glibc mallopt: M_MMAP_MAX = 0 (large blocks from the heap), M_TRIM_THRESHOLD = 2 GiB - 1."""
-    import ctypes
+    """The ``moshax`` command's CPU allocator setting (:mod:`moshax.host_malloc`: no mmap, no
+    trim, one arena), for both sides; ``MOSHAX_BENCH_ARENAS=0`` keeps glibc's arenas."""
+    from moshax.host_malloc import tune_host_malloc
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return tune_host_malloc(int(os.environ.get("MOSHAX_BENCH_ARENAS", "1")))
 
 
 def model_configs(names):
@@ -277,7 +274,7 @@ def main() -> None:
     reps = 3 if args.quick else 5
     tuned = args.malloc == "tuned" and tune_malloc()
     header(f"Moshi LM train step, B={B} x T={T} frames, fp32 (moshax vs PyTorch moshi 0.2.13 in the same run)")
-    print(f"malloc: {'tuned (no mmap, no trim)' if tuned else 'glibc defaults'}; "
+    print(f"malloc: {'tuned (no mmap, no trim, arenas ' + os.environ.get('MOSHAX_BENCH_ARENAS', '1') + ')' if tuned else 'glibc defaults'}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows = []
     for name, mcfg in model_configs(args.configs.split(",")).items():

@@ -14,7 +14,7 @@ SOURCES = {"moshax": ROOT / "src" / "moshax", "data_pipeline": ROOT / "data_pipe
 
 LAYERS = [
     ["data_pipeline"],  # files -> records; knows nothing of models
-    ["moshax.config", "moshax.registry"],  # typed configs, the model-kind table (lazy names only)
+    ["moshax.config", "moshax.registry", "moshax.host_malloc"],  # typed configs, the model-kind table (lazy names only), the CPU allocator setting
     ["moshax.kernels", "moshax.parallel"],  # attention kernels; mesh, sharding rules, multi-host
     ["moshax.layers"],  # shared blocks (norms, attention, mlp, transformer, convs, losses)
     ["moshax.models"],  # Helium, the Moshi LM, Mimi: compositions of layers

@@ -330,6 +330,33 @@ def _skip_absent_tpu() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _cpu_only() -> bool:
+    """Whether JAX will run on the CPU alone (decided without starting JAX): ``JAX_PLATFORMS``
+    says ``cpu``, or it is unset and the machine has no TPU/GPU device nodes or CUDA plugin."""
+    import glob
+    import os
+    from importlib.util import find_spec
+
+    platforms = os.environ.get("JAX_PLATFORMS")
+    if platforms is not None:
+        return platforms.strip().lower() == "cpu"
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
+        return False
+    return not any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def console_main() -> int:
+    """The ``moshax`` command: :func:`main`, with glibc's allocator tuned for XLA:CPU steps on
+    CPU-only runs first (:mod:`moshax.host_malloc`; in-process callers of :func:`main`, e.g.
+    tests, keep their allocator)."""
+    _skip_absent_tpu()
+    if _cpu_only():
+        from moshax.host_malloc import tune_host_malloc
+
+        tune_host_malloc()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     _skip_absent_tpu()
     parser = build_parser()
@@ -347,4 +374,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
