@@ -58,3 +58,26 @@ def test_cpu_only_detection(monkeypatch):
     assert not _cpu_only()
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert not _cpu_only()
+
+
+CONSOLE = r"""
+import sys
+import moshax.cli as cli
+import moshax.host_malloc as host_malloc
+calls = []
+host_malloc.tune_host_malloc = lambda *a, **k: calls.append(1) or True
+sys.argv = ["moshax", "--help"]
+try:
+    cli.console_main()
+except SystemExit:
+    pass
+print("tuned", len(calls))
+"""
+
+
+@pytest.mark.parametrize("platforms, tuned", [("cpu", 1), ("tpu", 0)])
+def test_console_command_tunes_only_cpu_runs(platforms, tuned):
+    out = subprocess.run([sys.executable, "-c", CONSOLE], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), JAX_PLATFORMS=platforms))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == f"tuned {tuned}"
