@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, median, timed  # noqa: E402
+from common import LineWorker, header, median, timed  # noqa: E402
 
 from moshax.config import from_dict, load_config, to_dict  # noqa: E402
 from moshax.interop.lm_weights import moshi_config_from_kyutai, moshi_config_to_kyutai  # noqa: E402
@@ -195,39 +195,22 @@ def reference_worker(kw_json: str, codes_path: str) -> None:
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
-class ReferenceProcess:
+class ReferenceProcess(LineWorker):
     def __init__(self, mcfg, codes, malloc: str):
         import json
-        import subprocess
         import tempfile
 
         self._tmp = tempfile.NamedTemporaryFile(suffix=".npy", delete=False)
         np.save(self._tmp.name, codes)
-        env = dict(os.environ, MOSHAX_BENCH_MALLOC=malloc, NO_TORCH_COMPILE="1")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--reference-worker",
-                                      json.dumps(moshi_config_to_kyutai(mcfg)), self._tmp.name],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        import json
-
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("reference worker died")
-            if line.startswith("{"):
-                return json.loads(line)
+        super().__init__([sys.executable, __file__, "--reference-worker", json.dumps(moshi_config_to_kyutai(mcfg)),
+                          self._tmp.name], malloc)
 
     def step(self, what: str = "step") -> float:
         """Seconds of one reference step: "step" (fwd+bwd) or "full" (+ AdamW)."""
-        self.proc.stdin.write(what + "\n")
-        self.proc.stdin.flush()
-        return self._read()["seconds"]
+        return self.request(what)["seconds"]
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+        super().close()
         os.unlink(self._tmp.name)
 
 

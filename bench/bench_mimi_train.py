@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mimi import REF, ref_common  # noqa: E402
 from bench_lm_train import PAUSE, tune_malloc  # noqa: E402
-from common import header, median  # noqa: E402
+from common import LineWorker, header, median  # noqa: E402
 
 B, CROP_S = 4, 2.0
 
@@ -86,31 +85,6 @@ def reference_worker(rc_path: str, weights: str, crops_path: str) -> None:
         if what == "full":
             opt.step()
         print(json.dumps({"seconds": time.perf_counter() - t0, "loss": loss}), flush=True)
-
-
-class ReferenceProcess:
-    def __init__(self, weights: str, crops: str, malloc: str):
-        env = dict(os.environ, MOSHAX_BENCH_MALLOC=malloc, NO_TORCH_COMPILE="1")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--reference-worker", str(REF), weights, crops],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise SystemExit("reference worker died (its error is above)")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def step(self, what: str, i: int) -> dict:
-        self.proc.stdin.write(f"{what} {i}\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
 
 
 def moshax_side(model, cfg, crops):
@@ -210,14 +184,15 @@ def main() -> int:
         save_file({k: v.detach().contiguous() for k, v in ref.state_dict().items()}, f"{tmp}/w.safetensors")
         np.save(f"{tmp}/crops.npy", crops)
         del ref
-        theirs = ReferenceProcess(f"{tmp}/w.safetensors", f"{tmp}/crops.npy", args.malloc)
+        theirs = LineWorker([sys.executable, __file__, "--reference-worker", str(REF), f"{tmp}/w.safetensors",
+                             f"{tmp}/crops.npy"], args.malloc)
         fwd_bwd, full, info = moshax_side(model, cfg, crops)
         print(f"moshax compile + first step: fwd+bwd {info['compile_fwd_bwd']:.1f}s, full step "
               f"{info['compile_step']:.1f}s")
         times = {k: [] for k in ("ref_fb", "ref_full", "fb", "full")}
         losses = {}
         for i in range(1, 1 + args.repeats):
-            for key, fn in (("ref_fb", lambda i: theirs.step("step", i)), ("ref_full", lambda i: theirs.step("full", i)),
+            for key, fn in (("ref_fb", lambda i: theirs.request(f"step {i}")), ("ref_full", lambda i: theirs.request(f"full {i}")),
                             ("fb", fwd_bwd), ("full", full)):
                 time.sleep(PAUSE)
                 t0 = time.perf_counter()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 
@@ -29,3 +31,32 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 def median(xs):
     return statistics.median(xs)
+
+
+class LineWorker:
+    """A child process that answers each request line on its stdin with one JSON line on its
+    stdout (the benches' reference sides: in their own process, as torch's and XLA's thread
+    pools slow each other down in one). Its first JSON line is ``info``; other output lines
+    (warnings) are skipped. ``malloc`` reaches the child as ``MOSHAX_BENCH_MALLOC``."""
+
+    def __init__(self, argv: list[str], malloc: str):
+        env = dict(os.environ, MOSHAX_BENCH_MALLOC=malloc, NO_TORCH_COMPILE="1")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit("the reference worker died (its error is above)")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def request(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
