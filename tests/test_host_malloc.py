@@ -18,11 +18,14 @@ tuned = tune_host_malloc() if sys.argv[1] == "tuned" else False
 import jax, jax.numpy as jnp
 x = jnp.arange(16 * 2**20, dtype=jnp.float32)  # 64 MB
 f = jax.jit(lambda x: jnp.sort(jnp.sin(x) * 2.0)[::3].sum())  # 64 MB temporaries, freed after each call
-for _ in range(2):
+for _ in range(3):
     f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-f(x).block_until_ready()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(5):  # the fewest of 5 calls: the heap may still grow while threads interleave differently
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, min(faults))
 """
 
 
@@ -38,10 +41,10 @@ def _probe(mode: str, **env) -> tuple[str, int]:
 def test_tuned_allocator_keeps_step_buffers_mapped():
     tuned, faults = _probe("tuned")
     assert tuned == "True"
-    assert faults < 2000  # 64 MB of temporaries reused: (almost) no page faults
+    assert faults < 2000  # 64 MB of temporaries reused: (almost) no page faults in some call
     plain, plain_faults = _probe("default")
     assert plain == "False"
-    assert plain_faults > 10_000  # glibc's defaults: the freed 64 MB blocks come back as fresh pages
+    assert plain_faults > 10_000  # glibc's defaults: the freed 64 MB blocks come back as fresh pages every call
 
 
 def test_opt_out_leaves_glibc_alone():
