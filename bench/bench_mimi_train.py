@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -177,8 +176,7 @@ def main() -> int:
         return torch.stack([pool[i % pool.shape[0], :, s:s + n] for i, s in enumerate(starts.tolist())])
 
     crops = np.stack([batch().numpy() for _ in range(1 + args.repeats)])
-    tmp = tempfile.mkdtemp()
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous() for k, v in ref.state_dict().items()}, f"{tmp}/w.safetensors")
@@ -203,8 +201,6 @@ def main() -> int:
                 times[key].append(dt)
                 losses[key] = out
         theirs.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     audio_s = B * CROP_S
     m = {k: median(v) for k, v in times.items()}

@@ -312,20 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tpu_or_cuda_present() -> bool:
+    """TPU device nodes in the machine, or a JAX CUDA plugin installed (checked without JAX)."""
+    import glob
+    from importlib.util import find_spec
+
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    return any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
 def _skip_absent_tpu() -> None:
     """With libtpu installed (the ``[tpu]`` extra) but no TPU in the machine, JAX probes for one
     at start-up and libtpu prints a page of metadata-server warnings on every command. There,
     and unless ``JAX_PLATFORMS`` says otherwise (or a CUDA plugin is installed), use the CPU.
     ``moshax compile`` still compiles for TPU topologies: that path does not need the platform."""
-    import glob
     import os
     from importlib.util import find_spec
 
     if "JAX_PLATFORMS" in os.environ or find_spec("libtpu") is None:
         return
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        return
-    if any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+    if _tpu_or_cuda_present():
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -335,21 +342,17 @@ def _cpu_only() -> bool:
     says ``cpu``, or it is unset and the machine has no TPU/GPU device nodes or CUDA plugin."""
     import glob
     import os
-    from importlib.util import find_spec
 
     platforms = os.environ.get("JAX_PLATFORMS")
     if platforms is not None:
         return platforms.strip().lower() == "cpu"
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or glob.glob("/dev/nvidia[0-9]*"):
-        return False
-    return not any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return not (_tpu_or_cuda_present() or glob.glob("/dev/nvidia[0-9]*"))
 
 
 def console_main() -> int:
     """The ``moshax`` command: :func:`main`, with glibc's allocator tuned for XLA:CPU steps on
     CPU-only runs first (:mod:`moshax.host_malloc`; in-process callers of :func:`main`, e.g.
     tests, keep their allocator)."""
-    _skip_absent_tpu()
     if _cpu_only():
         from moshax.host_malloc import tune_host_malloc
 
