@@ -89,3 +89,11 @@ def test_console_command_tunes_only_cpu_runs(platforms, tuned):
                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), JAX_PLATFORMS=platforms))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == f"tuned {tuned}"
+
+
+def test_unknown_malloc_setting_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "moshax.cli", "config", "--help"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), JAX_PLATFORMS="cpu",
+                                               MOSHAX_MALLOC="off"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "moshax: error: MOSHAX_MALLOC='off': expected 'tuned' or 'default'"

@@ -356,7 +356,11 @@ def console_main() -> int:
     if _cpu_only():
         from moshax.host_malloc import tune_host_malloc
 
-        tune_host_malloc()
+        try:
+            tune_host_malloc()
+        except ValueError as e:
+            print(f"moshax: error: {e}", file=sys.stderr)
+            return 2
     return main()
 
 

@@ -25,8 +25,12 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parame
 def tune_host_malloc(arenas: int = 1) -> bool:
     """mallopt: no mmap for large blocks, never trim, ``arenas`` arenas (<= 0: glibc's default).
     Call before the threads that allocate start (before JAX's first computation). Returns
-    whether glibc took every setting (False elsewhere, e.g. musl or macOS)."""
-    if os.environ.get("MOSHAX_MALLOC", "tuned") == "default":
+    whether glibc took every setting (False elsewhere, e.g. musl or macOS); ValueError for
+    an unknown ``MOSHAX_MALLOC``."""
+    setting = os.environ.get("MOSHAX_MALLOC", "tuned")
+    if setting not in ("tuned", "default"):
+        raise ValueError(f"MOSHAX_MALLOC={setting!r}: expected 'tuned' or 'default'")
+    if setting == "default":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
