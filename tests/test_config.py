@@ -37,6 +37,7 @@ def test_overrides_are_typed():
     ("train.steps=abc", "train.steps='abc': expected an integer"),
     ("train.steps=0", "train.steps=0: must be > 0"),
     ("model.transformer.remat=sometimes", "model.transformer.remat='sometimes'"),
+    ("model.transformer.layer_loop=loop", "model.transformer.layer_loop='loop'"),
     ("model.transformer.num_heads=5", "not divisible by model.transformer.num_heads=5"),
     ("mesh.data=-1", "at most one axis may be -1"),
     ("train.grad_accum_steps=3", "not divisible by train.grad_accum_steps=3"),

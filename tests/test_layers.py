@@ -109,9 +109,10 @@ def _tiny_cfg(**kw):
     return TransformerConfig(**base)
 
 
-def test_scanned_stack_equals_layer_by_layer_loop():
-    stack = Transformer(_tiny_cfg(layer_scale=0.5, norm="layer_norm", gated=False, activation="gelu"),
-                        rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_scanned_stack_equals_layer_by_layer_loop(loop):
+    stack = Transformer(_tiny_cfg(layer_scale=0.5, norm="layer_norm", gated=False, activation="gelu",
+                                  layer_loop=loop), rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 6, 16)).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     y, _ = stack(x, pos)
@@ -121,6 +122,57 @@ def test_scanned_stack_equals_layer_by_layer_loop():
         layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
         h, _ = layer(h, pos)
     np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layer_loop_equals_scan_with_grads_and_cache(remat):
+    """``layer_loop=unrolled`` (the CPU default) is the same function as the scan: outputs, weight
+    gradients and the stacked KV caches of a chunked decode; and only the scan lowers to a loop."""
+    def build(loop):
+        return Transformer(_tiny_cfg(layer_loop=loop, remat=remat, context=4), rngs=nnx.Rngs(0))
+
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 6, 16)).astype(np.float32))
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+
+    def loss(model, x):
+        return jnp.sum(model(x, pos)[0] ** 2)
+
+    out = {}
+    for loop in ("scan", "unrolled"):
+        model = build(loop)
+        value, grads = nnx.value_and_grad(loss)(model, x)
+        cache = model.init_state(2)
+        _, cache = model(x[:, :3], pos[:, :3], cache)
+        y, cache = model(x[:, 3:], pos[:, 3:], cache)
+        hlo = jax.jit(lambda x: model(x, pos)[0]).lower(x).as_text()
+        out[loop] = (value, nnx.to_pure_dict(grads), y, cache, "stablehlo.while" in hlo)
+    (v0, g0, y0, c0, loop0), (v1, g1, y1, c1, loop1) = out["scan"], out["unrolled"]
+    assert loop0 and not loop1
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), c1, c0)
+
+
+def test_auto_layer_loop_unrolls_big_layers_for_a_cpu():
+    """``auto``: unrolled when tracing for the CPU with big layers, the scan for small layers, for
+    a TPU (an AOT compile from this host, or a mesh of TPU devices) and on other backends; a bad
+    value is named."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    from moshax.kernels.attention import compiling_for_tpu
+    from moshax.layers.transformer import UNROLL_MIN_LAYER_PARAMS, unrolls
+
+    assert unrolls("auto") and unrolls("unrolled") and not unrolls("scan")
+    assert not unrolls("auto", UNROLL_MIN_LAYER_PARAMS - 1) and unrolls("unrolled", 1)
+    with compiling_for_tpu():
+        assert not unrolls("auto") and unrolls("unrolled")
+    tpu = AbstractMesh((1,), ("data",), abstract_device=AbstractDevice(device_kind="TPU v5", num_cores=1,
+                                                                        platform="tpu"))
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert not unrolls("auto")
+    with pytest.raises(ValueError, match="layer_loop 'loop'"):
+        unrolls("loop")
 
 
 def test_unstacked_inference_layout_equals_stacked():

@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -48,6 +49,8 @@ class TransformerConfig:
     layer_scale: float | None = None  # LayerScale init (Mimi: 0.01), None = off
     causal: bool = True
     remat: str = "none"  # none | full | dots | dots_with_no_batch_dims
+    # the layer loop: auto (unrolled when tracing for a CPU, scanned elsewhere) | scan | unrolled
+    layer_loop: str = "auto"
     init_std: float = 0.02
     attention: str = "auto"  # auto (Pallas on TPU, XLA elsewhere) | xla | chunked | pallas
 
@@ -60,6 +63,7 @@ class TransformerConfig:
         _choice(f"{where}.norm", self.norm, ("rms_norm", "layer_norm"))
         _choice(f"{where}.activation", self.activation, ("silu", "gelu"))
         _choice(f"{where}.remat", self.remat, REMAT_POLICIES)
+        _choice(f"{where}.layer_loop", self.layer_loop, LAYER_LOOPS)
         _choice(f"{where}.attention", self.attention, ("auto", "xla", "chunked", "pallas"))
         for name in ("dim", "num_heads", "num_layers", "hidden_dim", "context"):
             _positive(f"{where}.{name}", getattr(self, name))

@@ -362,7 +362,7 @@ def config_from_kyutai(d: dict[str, Any], **overrides):
 def config_to_kyutai(cfg: MimiConfig) -> dict:
     """The Kyutai ``_mimi_config``-shaped dict of a :class:`MimiConfig` (inverse of
     :func:`config_from_kyutai`: ``config_from_kyutai(config_to_kyutai(cfg)) == cfg`` up to run
-    settings: ``dtype``, ``param_dtype``, ``transformer.remat``, and the EMA's ``epsilon``,
+    settings: ``dtype``, ``param_dtype``, ``transformer.remat``, ``transformer.layer_loop``, and the EMA's ``epsilon``,
     ``check_unused_every`` and ``kmeans_iters``, which Kyutai's loader does not take).
 
     Reference ``loaders.get_mimi(path, this_dict)`` builds the same architecture; the extra

@@ -20,7 +20,7 @@ from moshax.kernels.flash import flash_attention
 from moshax.kernels.reference import attention_mask, reference_attention
 
 __all__ = ["attention", "attention_mask", "chunked_attention", "compiling_for_tpu", "pallas_attention",
-           "reference_attention"]
+           "reference_attention", "target_platform"]
 
 IMPLS = ("auto", "xla", "chunked", "pallas")
 # At most this many queries (and more keys than queries): the decode kernel; else flash.
@@ -89,7 +89,19 @@ def compiling_for_tpu():
         _TPU_TARGET.pop()
 
 
+def target_platform() -> str:
+    """The platform being traced for: ``tpu`` under :func:`compiling_for_tpu`, else the context
+    mesh's devices (``jax.set_mesh``: an AOT compile for a TPU topology from a CPU host says
+    ``tpu``), else the default backend."""
+    if _TPU_TARGET[-1]:
+        return "tpu"
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def _on_tpu() -> bool:
+    """Whether ``auto`` picks the Pallas kernels: on a TPU backend or under
+    :func:`compiling_for_tpu` (an AOT compile for a topology keeps XLA's chunked attention)."""
     return _TPU_TARGET[-1] or jax.default_backend() == "tpu"
 
 

@@ -5,7 +5,9 @@ and Mimi: the depth transformer builds it with per-step projection weights and a
 (see :mod:`moshax.layers.linear` and :mod:`moshax.models.depformer`).
 
 Compile time does not grow with depth (one traced layer); the remat policy is a config value.
-The KV caches of all layers are one stacked :class:`KVCache` scanned alongside the weights.
+The KV caches of all layers are one stacked :class:`KVCache` scanned alongside the weights. On a
+CPU the scan of big layers is unrolled by default (``layer_loop``, see :func:`unrolls`): same
+arrays, same math, static slices instead of XLA:CPU's per-layer copies.
 
 Inference layout: :meth:`Transformer.unstack_layers` (or :func:`unstack_for_inference` on a whole
 model) turns the stacked weights into one array per layer, run by a Python loop. Same math; but a
@@ -20,13 +22,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moshax.config import TransformerConfig
+from moshax.config import LAYER_LOOPS, TransformerConfig
+from moshax.kernels.attention import target_platform
 from moshax.layers.attention import KVCache, MultiHeadAttention
 from moshax.layers.linear import Selector, shared
 from moshax.layers.mlp import MLP
 from moshax.layers.norms import make_norm
 from moshax.layers.params import constant, param
 from moshax.parallel.sharding import constrain, logical_to_spec
+
+# ``layer_loop=auto`` unrolls a CPU's layer loop from this many weights per layer (4 MB in fp32).
+UNROLL_MIN_LAYER_PARAMS = 1_000_000
 
 REMAT = {
     "full": None,
@@ -130,14 +136,16 @@ class Transformer(nnx.Module):
                 x, layer_cache = block(x, positions, layer_cache)
                 new.append(layer_cache)
             return x, (None if cache is None else new)
-        return scan_layers(self.layers, x, cache, self.cfg.remat, lambda layer, h, c: layer(h, positions, c))
+        return scan_layers(self.layers, x, cache, self.cfg.remat, lambda layer, h, c: layer(h, positions, c),
+                           loop=self.cfg.layer_loop)
 
 
-def scan_layers(layers: nnx.Module, x, cache, remat: str, apply, *, prepare=None):
+def scan_layers(layers: nnx.Module, x, cache, remat: str, apply, *, prepare=None, loop: str = "scan"):
     """Run stacked ``layers`` over x with ``lax.scan`` (one traced layer whatever the depth):
     ``apply(layer, h, layer_cache) -> (h, new_layer_cache)``, rematerialized per ``remat``.
     ``prepare(state) -> state`` reshapes the stacked weights once, before the scan (e.g.
-    :func:`flatten_projections`). Returns (x, the stacked new caches or None)."""
+    :func:`flatten_projections`). ``loop`` (a ``layer_loop`` config value) may unroll the scan:
+    see :func:`unrolls`. Returns (x, the stacked new caches or None)."""
     graphdef, state = nnx.split(layers)
     if prepare is not None:
         state = prepare(state)
@@ -148,7 +156,23 @@ def scan_layers(layers: nnx.Module, x, cache, remat: str, apply, *, prepare=None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, (state, cache))
+    leaves = jax.tree.leaves(state)
+    layer_params = sum(a.size for a in leaves) // leaves[0].shape[0]
+    return jax.lax.scan(body, x, (state, cache), unroll=unrolls(loop, layer_params))
+
+
+def unrolls(loop: str, layer_params: int = UNROLL_MIN_LAYER_PARAMS) -> bool:
+    """Whether the layer scan is unrolled: ``unrolled``; or ``auto`` when tracing for a CPU and a
+    layer holds at least :data:`UNROLL_MIN_LAYER_PARAMS` weights. XLA:CPU copies each layer's
+    weights out of the stack before its matmuls and writes each layer's gradients into zero-filled
+    stacked buffers; unrolled, the slices are static and those copies go (config (b)'s train step
+    on 2 cores: ~12% faster, docs/performance.md). Compile time then grows with depth, so small
+    layers (tests, tiny configs: the copies are cheap) and TPUs/GPUs keep the scan."""
+    if loop not in LAYER_LOOPS:
+        raise ValueError(f"unknown layer_loop {loop!r} (one of {', '.join(LAYER_LOOPS)})")
+    if loop != "auto":
+        return loop == "unrolled"
+    return target_platform() == "cpu" and layer_params >= UNROLL_MIN_LAYER_PARAMS
 
 
 def flatten_projections(state: nnx.State) -> nnx.State:

@@ -103,4 +103,4 @@ class Depformer(nnx.Module):
         select = self.select(steps)
         return scan_layers(self.layers, x, cache, self.cfg.remat,
                            lambda layer, h, c: layer(h, positions, c, select=select, position_major=step_major),
-                           prepare=flatten_projections if step_major else None)
+                           prepare=flatten_projections if step_major else None, loop=self.cfg.layer_loop)
