@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header  # noqa: E402
 
-from moshax.interop.lm_weights import moshi_config_from_kyutai  # noqa: E402
+from moshax.interop.lm_config import moshi_config_from_kyutai  # noqa: E402
 
 LM_B = dict(dim=768, num_layers=12, num_heads=12, text_card=32000, card=2048, context=3000, depformer_dim=512,
             depformer_dim_feedforward=int(4.125 * 512), depformer_num_heads=8, depformer_num_layers=4)

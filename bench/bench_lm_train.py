@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LineWorker, header, median, timed  # noqa: E402
 
 from moshax.config import from_dict, load_config, to_dict  # noqa: E402
-from moshax.interop.lm_weights import moshi_config_from_kyutai, moshi_config_to_kyutai  # noqa: E402
+from moshax.interop.lm_config import moshi_config_from_kyutai, moshi_config_to_kyutai  # noqa: E402
 from moshax.training.moshi_task import MoshiTask  # noqa: E402
 from moshax.training.trainer import Trainer  # noqa: E402
 

@@ -42,7 +42,7 @@ def models(name: str):
     from bench_generate import LM_B
     from flax import nnx
 
-    from moshax.interop.lm_weights import moshi_config_from_kyutai
+    from moshax.interop.lm_config import moshi_config_from_kyutai
     from moshax.models.mimi.config import MimiConfig
     from moshax.models.mimi.model import Mimi
     from moshax.models.moshi_lm import MoshiLM

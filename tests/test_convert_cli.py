@@ -14,7 +14,8 @@ from flax import nnx
 from moshax.cli import main
 from moshax.checkpoint.model import build_model_from_checkpoint, open_checkpoint
 from moshax.config import ConfigError
-from moshax.interop.lm_weights import moshi_config_from_kyutai, moshi_config_to_kyutai, read_safetensors
+from moshax.interop.lm_config import moshi_config_from_kyutai, moshi_config_to_kyutai
+from moshax.interop.lm_weights import read_safetensors
 from moshax.models.moshi_lm import MoshiLMConfig
 
 from requirements import REFERENCE, require_module
