@@ -92,3 +92,19 @@ def test_sweep_ranks_layouts(capsys):
             step, parts = float(line.split()[4]), [float(x) for x in line.split()[6].split("/")]
             assert max(parts) == pytest.approx(step, rel=0.01, abs=0.006)
     assert any("skipped: batch" in line for line in table)  # micro-batches 3 does not divide the batch
+
+
+def test_a_tpu_topology_mesh_keeps_the_layer_scan():
+    """``layer_loop=auto`` unrolls big layers for this CPU, but under a mesh of TPU topology devices
+    (what ``moshax compile`` traces in) it keeps the scan, whose trip counts the roofline reads."""
+    require_module("libtpu", "TPU compile checks need the tpu extra (libtpu)")
+    import jax
+    import numpy as np
+
+    from moshax.layers.transformer import unrolls
+    from moshax.training.aot import topology_devices
+
+    mesh = jax.sharding.Mesh(np.array(topology_devices("v5e:2x2")), ("data",))
+    assert unrolls("auto")
+    with jax.set_mesh(mesh):
+        assert not unrolls("auto") and unrolls("unrolled")
