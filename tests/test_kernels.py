@@ -245,7 +245,8 @@ def _heads_sharded(mesh, fn, n_pos):
     return jax.shard_map(fn, mesh=mesh, in_specs=(h, h, h) + (P(),) * n_pos, out_specs=h, check_vma=False)
 
 
-def compile_decode(topology, batch, cap=3000, heads=32, head_dim=128):
+def compiled_decode_hlo(topology, batch, cap=3000, heads=32, head_dim=128) -> str:
+    """The compiled TPU HLO of the decode kernel over a heads-sharded mesh."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -258,12 +259,12 @@ def compile_decode(topology, batch, cap=3000, heads=32, head_dim=128):
             jax.ShapeDtypeStruct((batch, cap, heads, head_dim), jnp.bfloat16, sharding=h),
             jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rep),
             jax.ShapeDtypeStruct((batch, cap), jnp.int32, sharding=rep)]
-    compiled = jax.jit(fn).lower(*args).compile()
-    assert "tpu_custom_call" in compiled.as_text()
-    return compiled
+    return jax.jit(fn).lower(*args).compile().as_text()
 
 
-def compile_flash_train(topology, t, heads=32, head_dim=128, batch=1, kv_heads=None, context=None, causal=True):
+def compiled_flash_train_hlo(topology, t, heads=32, head_dim=128, batch=1, kv_heads=None, context=None,
+                             causal=True) -> str:
+    """The compiled TPU HLO of the flash kernel's forward + backward over a heads-sharded mesh."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -275,33 +276,31 @@ def compile_flash_train(topology, t, heads=32, head_dim=128, batch=1, kv_heads=N
     a = jax.ShapeDtypeStruct((batch, t, heads, head_dim), jnp.bfloat16, sharding=h)
     kv = jax.ShapeDtypeStruct((batch, t, kv_heads or heads, head_dim), jnp.bfloat16, sharding=h)
     p = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=NamedSharding(mesh, P()))
-    compiled = jax.jit(step).lower(a, kv, kv, p).compile()
-    text = compiled.as_text()
-    assert text.count("tpu_custom_call") >= 3, "forward + two backward kernels"
-    return compiled
+    return jax.jit(step).lower(a, kv, kv, p).compile().as_text()
 
 
 def test_decode_compiles_for_tpu_v5e():
-    compile_decode("v5e:2x2", 1)
+    assert "tpu_custom_call" in compiled_decode_hlo("v5e:2x2", 1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 @pytest.mark.parametrize("batch", [1, 2, 8])
 def test_decode_compiles_for_tpu_7b(topology, batch):
-    compile_decode(topology, batch)
+    assert "tpu_custom_call" in compiled_decode_hlo(topology, batch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 @pytest.mark.parametrize("t", [4096, 3000])  # Helium; Moshi (padded to 3072)
 def test_flash_fwd_bwd_compiles_for_tpu_7b(topology, t):
-    compile_flash_train(topology, t)
+    assert compiled_flash_train_hlo(topology, t).count("tpu_custom_call") >= 3  # forward + two backward kernels
 
 
 @pytest.mark.slow
 def test_flash_gqa_noncausal_window_compiles_for_tpu():
-    compile_flash_train("v5e:2x2", 1000, heads=32, kv_heads=8, context=256, causal=False, batch=2)
+    text = compiled_flash_train_hlo("v5e:2x2", 1000, heads=32, kv_heads=8, context=256, causal=False, batch=2)
+    assert text.count("tpu_custom_call") >= 3  # forward + two backward kernels
 
 
 @pytest.mark.slow
