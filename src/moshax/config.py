@@ -49,7 +49,7 @@ class TransformerConfig:
     layer_scale: float | None = None  # LayerScale init (Mimi: 0.01), None = off
     causal: bool = True
     remat: str = "none"  # none | full | dots | dots_with_no_batch_dims
-    # the layer loop: auto (unrolled when tracing for a CPU, scanned elsewhere) | scan | unrolled
+    # the layer loop: auto (unrolled when tracing for a CPU with layers of 4M+ weights, else the scan) | scan | unrolled
     layer_loop: str = "auto"
     init_std: float = 0.02
     attention: str = "auto"  # auto (Pallas on TPU, XLA elsewhere) | xla | chunked | pallas
