@@ -126,8 +126,9 @@ def test_scanned_stack_equals_layer_by_layer_loop(loop):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_unrolled_layer_loop_equals_scan_with_grads_and_cache(remat):
-    """``layer_loop=unrolled`` (the CPU default) is the same function as the scan: outputs, weight
-    gradients and the stacked KV caches of a chunked decode; and only the scan lowers to a loop."""
+    """``layer_loop=unrolled`` (``auto``'s pick on a CPU for big layers) is the same function as
+    the scan: outputs, weight gradients and the stacked KV caches of a chunked decode; and only the
+    scan lowers to a loop."""
     def build(loop):
         return Transformer(_tiny_cfg(layer_loop=loop, remat=remat, context=4), rngs=nnx.Rngs(0))
 
