@@ -3,11 +3,14 @@ streaming == batch for every variant (stride, dilation, groups, replicate paddin
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from moshax.kernels.attention import compiling_for_tpu
+from moshax.layers.block_conv import block_conv, block_conv_applies
 from moshax.layers.conv import Conv1d, ConvTranspose1d
 
 from requirements import REFERENCE, require_module
@@ -23,6 +26,11 @@ CONV_CASES = [
     (4, 8, 6, 3, 1, 1, False, "replicate"),
     (4, 4, 3, 2, 2, 2, True, "constant"),
     (2, 4, 2, 2, 1, 1, True, "constant"),  # kernel == stride: no streaming state
+    # enough channels for the CPU's block matmuls (layers/block_conv.py): strided, 1x1, stride 1
+    (16, 8, 8, 4, 1, 1, True, "constant"),
+    (8, 12, 6, 3, 1, 1, False, "replicate"),
+    (16, 24, 3, 1, 1, 1, True, "constant"),
+    (16, 8, 1, 1, 1, 1, True, "constant"),
 ]
 # (C_in, C_out, K, stride, groups, bias)
 CONVTR_CASES = [
@@ -168,3 +176,58 @@ def test_against_kyutai_streaming_convs():
             want = ref(torch.from_numpy(x)).numpy().transpose(0, 2, 1)
         got = np.asarray(convtr(jnp.asarray(x.transpose(0, 2, 1))))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _value_and_grads(conv, x):
+    """Loss, d/dx and d/dweight of a nonlinear function of the conv's output, jitted."""
+    def loss(m, x):
+        return jnp.sum(jnp.tanh(m(x)) * jnp.arange(1, m(x).shape[1] + 1)[None, :, None])
+    return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(conv, x)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if block_conv_applies(c[2], c[3], c[4], c[5], c[0])]
+                         + [(16, 32, 10, 5, 1, 1, True, "constant")])
+def test_block_conv_equals_xla_conv_with_gradients(case):
+    """On a CPU the strided and 1x1 convolutions run as block matmuls (layers/block_conv.py):
+    value, input gradient and weight gradient equal XLA's convolution (what a TPU trace uses)."""
+    ci, co, k, s, d, g, bias, pad_mode = case
+    conv = Conv1d(ci, co, k, stride=s, dilation=d, groups=g, bias=bias, pad_mode=pad_mode, rngs=nnx.Rngs(5))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 10 * s, ci)).astype(np.float32))
+    assert conv._blocks()
+    loss, (dm, dx) = _value_and_grads(conv, x)
+    with compiling_for_tpu():
+        assert not conv._blocks()
+        loss_x, (dm_x, dx_x) = _value_and_grads(conv, x)
+    np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dm.weight[...]), np.asarray(dm_x.weight[...]), rtol=1e-4, atol=1e-4)
+    if bias:
+        np.testing.assert_allclose(np.asarray(dm.bias[...]), np.asarray(dm_x.bias[...]), rtol=1e-4, atol=1e-4)
+
+
+def test_block_conv_backward_has_no_convolution():
+    """What the block path is for: on a CPU the strided convolution's backward is two GEMMs, no
+    convolution (XLA's weight-gradient convolution transposes the activations to put the batch
+    innermost): one convolution (the forward) in the gradient's HLO; a TPU trace keeps XLA's three."""
+    conv = Conv1d(8, 16, 8, stride=4, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 32, 8))
+    assert not block_conv_applies(7, 1, 1, 1, 1)  # Mimi's first 1 -> 64 convolution keeps XLA's
+
+    graph, params = nnx.split(conv)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graph, params)(x) ** 2)
+
+    def hlo():
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+
+    assert hlo().count("stablehlo.convolution") == 1
+    with compiling_for_tpu():
+        assert hlo().count("stablehlo.convolution") == 3
+
+
+def test_block_conv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="block_conv"):
+        block_conv(jnp.zeros((1, 6, 2)), jnp.zeros((8, 2, 3)), 4, 0)  # length not a multiple of the stride
+    with pytest.raises(ValueError, match="block_conv"):
+        block_conv(jnp.zeros((1, 8, 2)), jnp.zeros((8, 2, 3)), 4, 2)  # front beyond m - 1
