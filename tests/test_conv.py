@@ -181,15 +181,17 @@ def test_against_kyutai_streaming_convs():
 def _value_and_grads(conv, x):
     """Loss, d/dx and d/dweight of a nonlinear function of the conv's output, jitted."""
     def loss(m, x):
-        return jnp.sum(jnp.tanh(m(x)) * jnp.arange(1, m(x).shape[1] + 1)[None, :, None])
+        y = m(x)
+        return jnp.sum(jnp.tanh(y) * jnp.arange(1, y.shape[1] + 1)[None, :, None])
     return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(conv, x)
 
 
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if block_conv_applies(c[2], c[3], c[4], c[5], c[0])]
                          + [(16, 32, 10, 5, 1, 1, True, "constant")])
 def test_block_conv_equals_xla_conv_with_gradients(case):
-    """On a CPU the strided and 1x1 convolutions run as block matmuls (layers/block_conv.py):
-    value, input gradient and weight gradient equal XLA's convolution (what a TPU trace uses)."""
+    """On a CPU the convolutions block_conv_applies to differentiate as block matmuls
+    (layers/block_conv.py): value, input gradient and weight gradient equal XLA's convolution
+    (what a TPU trace uses)."""
     ci, co, k, s, d, g, bias, pad_mode = case
     conv = Conv1d(ci, co, k, stride=s, dilation=d, groups=g, bias=bias, pad_mode=pad_mode, rngs=nnx.Rngs(5))
     x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 10 * s, ci)).astype(np.float32))

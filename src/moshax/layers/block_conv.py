@@ -1,5 +1,5 @@
 """A causal 1-d convolution as one matmul over blocks of ``stride`` samples (the CPU path of
-:class:`moshax.layers.conv.Conv1d` for its strided and 1x1 convolutions).
+:class:`moshax.layers.conv.Conv1d`'s backward pass, wherever :func:`block_conv_applies`).
 
 Why: XLA:CPU differentiates a convolution's weights as a convolution whose "batch" is the input
 channels and whose features are the batch, so it first transposes the activations
@@ -15,8 +15,7 @@ a kernel that is a whole number of strides (``K = m * stride``, Mimi's downsampl
 The forward pass stays XLA's convolution (as fast, and it does not write ``z``); the backward
 pass is the transpose of those two lines: it builds ``dz`` (the output gradient shifted once per
 block, small) and runs two GEMMs, ``dx = dz @ wcat.T`` and ``dwcat = xb.T @ dz`` contracting
-batch and time together
-(a transposed GEMM: no copy of the activations). ``front`` is the number of zero blocks the
+batch and time together (a transposed GEMM: no copy of the activations). ``front`` is the number of zero blocks the
 causal padding puts before the signal, so the padding is never written out either. A stride-1
 kernel is the same with one-sample blocks (``m = K`` taps side by side).
 
@@ -63,11 +62,9 @@ def _blocks(x, w, stride):
     return xb, wcat, m
 
 
-def _shifted_stack(dy, front, n):
+def _shifted_stack(dy, m, front):
     """dz[t', j] = dy[t' + front - j] (zero outside) -> [B, n, m, C]: the gradient of the block
     taps ``z`` when ``y[t] = sum_j z[t + j - front, j]``."""
-    n_out = dy.shape[1]
-    m = n - n_out + 1 + front
     full = jnp.stack([jnp.pad(dy, ((0, 0), (j, m - 1 - j), (0, 0))) for j in range(m)], axis=2)
     return full[:, front:]
 
@@ -94,7 +91,7 @@ def _backward(stride, front, res, dy):
     x, w = res
     xb, wcat, m = _blocks(x, w, stride)
     b, n, _ = xb.shape
-    dz = _shifted_stack(dy.astype(x.dtype), front, n).reshape(b * n, -1)
+    dz = _shifted_stack(dy.astype(x.dtype), m, front).reshape(b * n, -1)
     dx = (dz @ wcat.T).reshape(x.shape)
     dwcat = jax.lax.dot_general(xb.reshape(b * n, -1), dz, (((0,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32)
