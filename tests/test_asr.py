@@ -199,9 +199,21 @@ def test_whisper_checkpoint_transcribes_offline_with_word_times(tmp_path, dialog
 
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
                            n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
-    torch.manual_seed(1)  # seed 1: the random model emits text tokens (words), not only special tokens
+    torch.manual_seed(1)
+    model = Whisper(dims)
+    # A random model's greedy text sits on near-ties (it emitted words or nothing depending on which tests ran
+    # before it in the worker). Pin the decoder's output instead: the final norm's scale 0 and its bias along
+    # " hello"'s (tied) embedding make every position's logits E @ bias, " hello" ahead of every other token
+    # by a wide margin; the cross-attention (word times by DTW) stays random and audio-dependent.
+    from whisper.tokenizer import get_tokenizer
+
+    (hello,) = get_tokenizer(multilingual=True).encode(" hello")
+    with torch.no_grad():
+        embedding = model.decoder.token_embedding.weight
+        model.decoder.ln.weight.zero_()
+        model.decoder.ln.bias.copy_(40.0 * embedding[hello] / embedding[hello].norm() ** 2)
     (tmp_path / "tiny").mkdir()
-    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, tmp_path / "tiny" / "w.pt")
+    torch.save({"dims": dims.__dict__, "model_state_dict": model.state_dict()}, tmp_path / "tiny" / "w.pt")
     transcriber = make_transcriber(AsrConfig(engine=f"whisper:{tmp_path / 'tiny'}"))
     transcriber.max_tokens = 16  # keep the random model's decode short (CPU)
     _, left, _ = dialogues[0]
@@ -213,7 +225,7 @@ def test_whisper_checkpoint_transcribes_offline_with_word_times(tmp_path, dialog
 
     monkeypatch.setattr(socket.socket, "connect", no_network)  # tokenizer vocab, model: all local
     words = transcriber.transcribe(np.repeat(audio, 3)[::2], 24000)  # resampled to 16 kHz inside
-    assert words, "the seeded random model should emit words"
+    assert words and {w.text for w in words} == {"hello"}, words
     assert all(0 <= w.start <= w.end <= 4.0 + 1e-6 for w in words) and all(w.text.strip() for w in words)
     assert any(w.end > w.start for w in words)  # DTW gave real spans, not all zero-length
     ident = transcriber.identity()
