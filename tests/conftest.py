@@ -15,3 +15,16 @@ def devices():
 
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (XLA_FLAGS set too late?)"
     return jax.devices()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One JAX persistent compilation cache per pytest worker: tests that rebuild the same model and
+    step (fresh trainers, resumes, CLI runs in-process) load the executable instead of recompiling
+    it. A fresh directory per session, so no test ever sees another run's executables. Set before
+    the first compile: JAX opens its cache once per process."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield

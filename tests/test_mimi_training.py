@@ -28,14 +28,13 @@ SR = 24000
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The trainer runs below compile the same step: share it through JAX's persistent cache; and
-    the micro models here run for a few steps only: compile them fast (XLA:CPU's LLVM passes cost
-    far more than they save)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes", "jax_disable_most_optimizations")
+def fast_compiles():
+    """The trainer runs below compile the same step: keep every executable in the session's
+    persistent cache (tests/conftest.py), not only the slow ones; and the micro models here run for a
+    few steps only: compile them fast (XLA:CPU's LLVM passes cost far more than they save)."""
+    names = ("jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes",
+             "jax_disable_most_optimizations")
     old = {k: jax.config.values[k] for k in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_disable_most_optimizations", True)
