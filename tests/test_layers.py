@@ -292,3 +292,30 @@ def test_depformer_is_the_shared_block_with_step_weights(weights_per_step, sched
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
             assert a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_elu_equals_jax_nn_elu_with_gradients_and_saves_only_its_output(alpha):
+    from moshax.layers.activations import elu
+
+    x = jnp.asarray(np.concatenate([np.random.default_rng(0).standard_normal(500) * 3, [0.0, -0.0, 1e-30, -1e-30]]),
+                    jnp.float32)
+    c = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+    np.testing.assert_array_equal(elu(x, alpha), jax.nn.elu(x, alpha))
+    ours = jax.grad(lambda x: jnp.sum(c * elu(x, alpha)))(x)
+    theirs = jax.grad(lambda x: jnp.sum(c * jax.nn.elu(x, alpha)))(x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    # the backward's one residual is the output: vjp over y alone reproduces the gradient
+    y, vjp = jax.vjp(lambda x: elu(x, alpha), x)
+    residuals = [leaf for leaf in jax.tree.leaves(vjp) if isinstance(leaf, jax.Array)]
+    assert len(residuals) == 1 and np.array_equal(residuals[0], y)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        jax.grad(lambda x: jnp.sum(elu(x, 0.0)))(x)
+
+
+def test_seanet_config_rejects_a_non_positive_elu_alpha():
+    from moshax.config import ConfigError
+    from moshax.models.mimi.config import SEANetConfig
+
+    with pytest.raises(ConfigError, match="elu_alpha=-1.0"):
+        SEANetConfig(elu_alpha=-1.0).validate("model.seanet")

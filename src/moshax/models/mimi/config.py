@@ -34,6 +34,8 @@ class SEANetConfig:
         for name in ("channels", "dimension", "n_filters", "n_residual_layers", "kernel_size",
                      "last_kernel_size", "residual_kernel_size", "dilation_base", "compress"):
             _positive(f"{where}.{name}", getattr(self, name))
+        if not self.elu_alpha > 0:  # layers/activations.elu's backward reads the sign of its output
+            raise ConfigError(f"{where}.elu_alpha={self.elu_alpha}: expected a positive number")
         if not self.ratios or any(r <= 0 for r in self.ratios):
             raise ConfigError(f"{where}.ratios={self.ratios}: expected a non-empty list of positive ints")
         _choice(f"{where}.pad_mode", self.pad_mode, ("constant", "replicate"))

@@ -11,10 +11,10 @@ mirroring the module tree); ``__call__(x)``, ``init_state(batch)``, ``step(x, st
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moshax.layers.activations import elu
 from moshax.layers.conv import Conv1d, ConvTranspose1d
 from moshax.models.mimi.config import SEANetConfig
 
@@ -52,8 +52,8 @@ class ResBlock(_Streaming):
 
     def _run(self, x, state):
         st = state or {"conv1": None, "conv2": None, "shortcut": None}
-        h, s1 = _apply(self.conv1, jax.nn.elu(x, self.alpha), st["conv1"])
-        h, s2 = _apply(self.conv2, jax.nn.elu(h, self.alpha), st["conv2"])
+        h, s1 = _apply(self.conv1, elu(x, self.alpha), st["conv1"])
+        h, s2 = _apply(self.conv2, elu(h, self.alpha), st["conv2"])
         if self.shortcut is None:
             skip, s3 = x, None
         else:
@@ -87,7 +87,7 @@ class EncoderBlock(_Streaming):
         for i, r in enumerate(self.res):
             x, s = r._run(x, None if state is None else state["res"][i])
             res_states.append(s)
-        x, sd = _apply(self.down, jax.nn.elu(x, self.alpha), None if state is None else state["down"])
+        x, sd = _apply(self.down, elu(x, self.alpha), None if state is None else state["down"])
         return x, None if state is None else {"res": res_states, "down": sd}
 
 
@@ -104,7 +104,7 @@ class DecoderBlock(_Streaming):
         return {"up": self.up.init_state(batch), "res": [r.init_state(batch) for r in self.res]}
 
     def _run(self, x, state):
-        x, su = _apply(self.up, jax.nn.elu(x, self.alpha), None if state is None else state["up"])
+        x, su = _apply(self.up, elu(x, self.alpha), None if state is None else state["up"])
         res_states = []
         for i, r in enumerate(self.res):
             x, s = r._run(x, None if state is None else state["res"][i])
@@ -125,7 +125,7 @@ class _SEANetStack(_Streaming):
         for i, b in enumerate(self.blocks):
             x, s = b._run(x, None if state is None else state["blocks"][i])
             block_states.append(s)
-        x, s_out = _apply(self.conv_out, jax.nn.elu(x, self.alpha), None if state is None else state["conv_out"])
+        x, s_out = _apply(self.conv_out, elu(x, self.alpha), None if state is None else state["conv_out"])
         return x, None if state is None else {"conv_in": s_in, "blocks": block_states, "conv_out": s_out}
 
 
