@@ -21,8 +21,9 @@ def devices():
 def compilation_cache(tmp_path_factory):
     """One JAX persistent compilation cache per pytest worker: tests that rebuild the same model and
     step (fresh trainers, resumes, CLI runs in-process) load the executable instead of recompiling
-    it. A fresh directory per session, so no test ever sees another run's executables. Set before
-    the first compile: JAX opens its cache once per process."""
+    it. A fresh directory per session, so no test ever sees another run's executables. JAX opens
+    the cache at the first compile that finds the directory set (once per process), so a session
+    fixture is early enough for every test's compiles."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
