@@ -319,3 +319,38 @@ def test_seanet_config_rejects_a_non_positive_elu_alpha():
 
     with pytest.raises(ConfigError, match="elu_alpha=-1.0"):
         SEANetConfig(elu_alpha=-1.0).validate("model.seanet")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n_in", [((2, 5, 8), (8, 3, 2, 4), 1),  # qkv: [embed, 3, heads, hd]
+                                                    ((3, 4, 2, 4), (2, 4, 6), 2),  # out_proj: [heads, hd, embed]
+                                                    ((4, 2, 8), (8, 16), 1)])  # an MLP matmul (position major too)
+def test_cpu_projection_equals_einsum_with_gradients(x_shape, w_shape, n_in):
+    """On a CPU a shared weight's projection takes a custom VJP (the weight gradient over a
+    materialized x^T, behind an optimization barrier): same values and gradients as the plain
+    einsum a TPU trace keeps, and only the CPU trace has the barrier."""
+    from moshax.kernels.attention import compiling_for_tpu
+    from moshax.layers.linear import project
+
+    r = np.random.default_rng(3)
+    x = jnp.asarray(r.standard_normal(x_shape).astype(np.float32))
+    w = jnp.asarray(r.standard_normal(w_shape).astype(np.float32))
+    ct = jnp.asarray(r.standard_normal(x_shape[:2] + w_shape[n_in:]).astype(np.float32))
+
+    def loss(x, w):
+        return jnp.sum(project(x, w, n_in) * ct)
+
+    def run():
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        return grad(x, w), grad.lower(x, w).as_text()
+
+    (val, (dx, dw)), hlo = run()
+    with compiling_for_tpu():
+        (val_t, (dx_t, dw_t)), hlo_t = run()
+    assert "optimization_barrier" in hlo and "optimization_barrier" not in hlo_t
+    want = np.einsum("bti,iu->btu", np.asarray(x).reshape(x_shape[:2] + (-1,)), np.asarray(w).reshape(
+        np.prod(w_shape[:n_in]), -1))
+    np.testing.assert_allclose(np.asarray(project(x, w, n_in)).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(val), float(val_t), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_t), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_t), rtol=1e-5, atol=1e-5)
+    assert dx.shape == x.shape and dw.shape == w.shape

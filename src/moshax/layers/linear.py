@@ -14,10 +14,14 @@ than with it in the middle (the depth transformer's training path).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from moshax.kernels.attention import target_platform
 
 STEP_AXIS = "depth_steps"  # logical name of the leading per-step axis of stacked weights
 
@@ -47,8 +51,44 @@ class StepWeights:
 
 def project(x, w, n_in: int, *, per_position: bool = False, position_major: bool = False):
     """Contract the last ``n_in`` axes of ``x`` [B, T, *in] ([T, B, *in] position major) with the
-    first ``n_in`` of ``w`` [*in, *out] ([T, *in, *out] per position) -> [B, T, *out] ([T, B, *out])."""
+    first ``n_in`` of ``w`` [*in, *out] ([T, *in, *out] per position) -> [B, T, *out] ([T, B, *out]).
+
+    Traced for a CPU, a shared weight's gradient goes through :func:`_project_cpu` (same values)."""
+    if not per_position and target_platform() == "cpu":
+        return _project_cpu(x, w, n_in)
+    return _einsum(x, w, n_in, per_position, position_major)
+
+
+def _einsum(x, w, n_in: int, per_position: bool = False, position_major: bool = False):
     lead = "tb" if position_major else "bt"
     cin = "ijkl"[:n_in]
     cout = "uvwxyz"[: w.ndim - per_position - n_in]
     return jnp.einsum(f"{lead}{cin},{'t' if per_position else ''}{cin}{cout}->{lead}{cout}", x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project_cpu(x, w, n_in: int):
+    """``project`` with a shared weight, whose weight gradient is ``x^T @ g`` over a materialized
+    ``x^T``. XLA:CPU's layout assignment otherwise transposes the output gradient ``g`` for that
+    dot, fused into g's producer (the GELU backward, the attention's) as a loop that writes at a
+    stride of T floats: ~5 ms per [200, 2048] MLP gradient. Mimi's transformer fwd+bwd (8 layers,
+    4 x 50 tokens): -15 to -19% (docs/performance.md). The optimization barrier keeps XLA from
+    folding the transpose back into the dot. Forward and input gradient: the plain einsum's."""
+    return _einsum(x, w, n_in)
+
+
+def _project_cpu_fwd(x, w, n_in):
+    return _einsum(x, w, n_in), (x, w)
+
+
+def _project_cpu_bwd(n_in, res, g):
+    x, w = res
+    n_out = w.ndim - n_in
+    dx = jnp.tensordot(g, w, axes=(tuple(range(2, 2 + n_out)), tuple(range(n_in, w.ndim))))
+    x2 = x.reshape(-1, math.prod(x.shape[2:]))
+    xt = jax.lax.optimization_barrier(x2.T)
+    dw = xt @ g.reshape(x2.shape[0], -1)
+    return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+_project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)
