@@ -26,12 +26,14 @@ from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, median  # noqa: E402
 
 B, SAMPLES = 4, 48000
 PARTS = ["encoder", "encoder_transformer", "downsample", "upsample", "decoder_transformer", "decoder"]
 
 
 def median_seconds(fn, repeats: int) -> float:
+    """Median of ``repeats`` calls after two warm-ups, each after a short pause (as the other benches)."""
     fn()
     fn()
     ts = []
@@ -40,7 +42,7 @@ def median_seconds(fn, repeats: int) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+    return median(ts)
 
 
 def torch_side(weights: str, repeats: int) -> dict:
@@ -136,7 +138,6 @@ def main() -> int:
         return 0
 
     from bench_mimi import ref_common
-    from common import header
 
     header(f"Mimi train step by part (fwd+bwd of each part alone), B={B} x {SAMPLES / 24000:.0f} s")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -155,8 +156,7 @@ def main() -> int:
     print("|---|---|---|---|")
     for part in [*PARTS, "quantizer (train mode)"]:
         r, mo = res["reference"].get(part), res["moshax"][part]
-        ratio = f"{r / mo:.2f}x" if r else "-"
-        print(f"| {part} | {r:.3f} | {mo:.3f} | {ratio} |" if r else f"| {part} | - | {mo:.3f} | - |")
+        print(f"| {part} | {r:.3f} | {mo:.3f} | {r / mo:.2f}x |" if r else f"| {part} | - | {mo:.3f} | - |")
     tr, tm = sum(res["reference"].values()), sum(res["moshax"].values())
     print(f"| sum | {tr:.3f} | {tm:.3f} | {tr / tm:.2f}x |")
     print(f"medians of {args.repeats} after 2 warm-ups; malloc {args.malloc}; "

@@ -323,7 +323,7 @@ def test_seanet_config_rejects_a_non_positive_elu_alpha():
 
 @pytest.mark.parametrize("x_shape, w_shape, n_in", [((2, 5, 8), (8, 3, 2, 4), 1),  # qkv: [embed, 3, heads, hd]
                                                     ((3, 4, 2, 4), (2, 4, 6), 2),  # out_proj: [heads, hd, embed]
-                                                    ((4, 2, 8), (8, 16), 1)])  # an MLP matmul (position major too)
+                                                    ((4, 2, 8), (8, 16), 1)])  # an MLP matmul
 def test_cpu_projection_equals_einsum_with_gradients(x_shape, w_shape, n_in):
     """On a CPU a shared weight's projection takes a custom VJP (the weight gradient over a
     materialized x^T, behind an optimization barrier): same values and gradients as the plain
@@ -350,6 +350,8 @@ def test_cpu_projection_equals_einsum_with_gradients(x_shape, w_shape, n_in):
     want = np.einsum("bti,iu->btu", np.asarray(x).reshape(x_shape[:2] + (-1,)), np.asarray(w).reshape(
         np.prod(w_shape[:n_in]), -1))
     np.testing.assert_allclose(np.asarray(project(x, w, n_in)).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(project(x, w, n_in, position_major=True)),
+                                  np.asarray(project(x, w, n_in)))  # [T, B, ...] in, [T, B, ...] out
     np.testing.assert_allclose(float(val), float(val_t), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_t), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), np.asarray(dw_t), rtol=1e-5, atol=1e-5)

@@ -55,7 +55,7 @@ def project(x, w, n_in: int, *, per_position: bool = False, position_major: bool
 
     Traced for a CPU, a shared weight's gradient goes through :func:`_project_cpu` (same values)."""
     if not per_position and target_platform() == "cpu":
-        return _project_cpu(x, w, n_in)
+        return _project_cpu(x, w, n_in)  # with a shared weight both layouts are the same contraction
     return _einsum(x, w, n_in, per_position, position_major)
 
 
