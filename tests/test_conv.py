@@ -233,3 +233,35 @@ def test_block_conv_rejects_bad_shapes():
         block_conv(jnp.zeros((1, 6, 2)), jnp.zeros((8, 2, 3)), 4, 0)  # length not a multiple of the stride
     with pytest.raises(ValueError, match="block_conv"):
         block_conv(jnp.zeros((1, 8, 2)), jnp.zeros((8, 2, 3)), 4, 2)  # front beyond m - 1
+
+
+@pytest.mark.parametrize("case", [(16, 8, 8, 4, True), (4, 6, 10, 5, False), (32, 16, 4, 2, True)])
+def test_convtr_blocks_conv_equals_taps_with_gradients(case):
+    """A long enough input runs the transposed convolution as a stride-1 convolution over output
+    blocks (``_blocks_conv``): value, input and weight gradients equal the per-step matmul and
+    overlap-add (``_full``, what streaming and short inputs use), and the numpy reference."""
+    ci, co, k, s, bias = case
+    convtr = ConvTranspose1d(ci, co, k, stride=s, bias=bias, rngs=nnx.Rngs(3))
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 40, ci)).astype(np.float32))
+    assert convtr._as_conv(x) and not convtr._as_conv(x[:, :2])
+    ref = _np_convtr(np.asarray(x, np.float64), np.asarray(convtr.weight[...], np.float64),
+                     None if convtr.bias is None else np.asarray(convtr.bias[...], np.float64), s, 1)
+    np.testing.assert_allclose(np.asarray(convtr(x)), ref, rtol=1e-5, atol=1e-5)
+
+    def taps(m, x):
+        y = m._full(x)
+        return m._bias(y[:, : y.shape[1] - m.trim])
+
+    def value_and_grads(call):
+        def loss(m, x):
+            y = call(m, x)
+            return jnp.sum(jnp.tanh(y) * jnp.arange(1, y.shape[1] + 1)[None, :, None])
+        return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(convtr, x)
+
+    loss_b, (dm_b, dx_b) = value_and_grads(lambda m, x: m(x))
+    loss_t, (dm_t, dx_t) = value_and_grads(taps)
+    np.testing.assert_allclose(float(loss_b), float(loss_t), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx_b), np.asarray(dx_t), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dm_b.weight[...]), np.asarray(dm_t.weight[...]), rtol=1e-4, atol=1e-4)
+    for chunk in (1, 3):
+        np.testing.assert_allclose(np.asarray(_stream(convtr, x, chunk)), np.asarray(convtr(x)), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,12 @@ Layout: **channels-last**, ``x [B, T, C]``. Parameters (logical axis names in th
   an overlap-add, with no copy of the weight: XLA's dilated-input convolution spends ``stride``
   times the FLOPs, and a one-frame streaming step of Mimi's 1024->512 x16 upsampler took 28 ms
   that way on a 2-core CPU, 1.3 ms as a matmul.
+* A :class:`ConvTranspose1d` whose kernel is ``m`` strides (Mimi's: ``K = 2 * stride``) is also a
+  stride-1 causal convolution with kernel ``m`` from ``C_in`` to ``stride * C_out`` channels over
+  blocks of ``stride`` outputs (block ``t`` is ``sum_j x[t - j] @ w[:, j * stride:(j + 1) * stride]``).
+  The batch call takes that path where the input holds at least as many values as the weight
+  (Mimi's long, narrow last layers: fwd+bwd 12-18% faster on a 2-core CPU, as it never writes
+  the ``K * C_out`` taps per step); the short, wide ones and streaming keep the matmul.
 * On a CPU, :class:`Conv1d` runs as block matmuls (:mod:`moshax.layers.block_conv`) wherever that
   applies (ungrouped, undilated, a kernel of whole strides, 16+ input channels per block): XLA:CPU
   differentiates a convolution's weights through a transpose that puts the batch innermost, and
@@ -193,8 +199,31 @@ class ConvTranspose1d(nnx.Module):
     def _bias(self, y):
         return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
 
+    def _as_conv(self, x) -> bool:
+        """Whether the batch call of x runs as a stride-1 convolution over output blocks (see the
+        module docstring): ungrouped, a kernel of whole strides, and x at least the weight's size."""
+        return (self.groups == 1 and self.kernel_size % self.stride == 0 and x.ndim == 3
+                and x.size >= self.weight[...].size)
+
+    def _blocks_conv(self, x):
+        """[B, T, C_in] -> [B, T * stride, C_out] (no bias): block t of ``stride`` outputs is
+        ``sum_j x[t - j] @ W_j`` with ``W_j = w[:, j * stride:(j + 1) * stride]``: a causal
+        convolution with kernel ``m = K / stride`` whose tap ``m - 1 - j`` is ``W_j``."""
+        b, t, ci = x.shape
+        s, m = self.stride, self.kernel_size // self.stride
+        w = self.weight[...].astype(self.dtype).reshape(ci, m, s * self.out_channels)
+        w = w[:, ::-1].transpose(1, 0, 2)  # [m, C_in, s * C_out], tap order of a causal conv
+        x = x.astype(self.dtype)
+        if target_platform() == "cpu" and block_conv_applies(m, 1, 1, 1, ci):
+            y = block_conv(x, w, 1, m - 1)
+        else:
+            y = xla_conv(x, w, 1, m - 1)
+        return y.reshape(b, t * s, self.out_channels)
+
     def __call__(self, x):
         """x [B, T, C_in] -> y [B, T * stride, C_out]."""
+        if x.ndim == 3 and x.shape[-1] == self.in_channels and self._as_conv(x):
+            return self._bias(self._blocks_conv(x))
         y = self._full(x)
         return self._bias(y[:, : y.shape[1] - self.trim])
 
