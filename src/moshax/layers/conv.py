@@ -58,6 +58,20 @@ def _uniform(bound: float):
     return init
 
 
+def _uses_blocks(kernel_size: int, stride: int, dilation: int, groups: int, in_channels: int) -> bool:
+    """Whether a causal convolution of this shape runs as :func:`block_conv`: traced for a CPU,
+    and a shape it wins on (:func:`block_conv_applies`)."""
+    return target_platform() == "cpu" and block_conv_applies(kernel_size, stride, dilation, groups, in_channels)
+
+
+def _causal_conv(x, w, stride: int, pad_left: int, dilation: int = 1, groups: int = 1):
+    """x [B, T, C_in] after ``pad_left`` zeros (not written out) convolved with w [K, C_in / groups, C_out]:
+    :func:`block_conv` where :func:`_uses_blocks`, XLA's convolution elsewhere (same values and gradients)."""
+    if _uses_blocks(w.shape[0], stride, dilation, groups, x.shape[-1]):
+        return block_conv(x, w, stride, pad_left // stride)
+    return xla_conv(x, w, stride, pad_left, dilation, groups)
+
+
 class ConvState(NamedTuple):
     """Streaming state of a :class:`Conv1d`: the last ``pad`` inputs ``[B, pad, C_in]`` and, per batch
     item, whether no input was seen yet (``replicate`` padding fills ``previous`` with the first sample)."""
@@ -100,16 +114,11 @@ class Conv1d(nnx.Module):
 
     def _blocks(self) -> bool:
         """Whether this convolution runs as :func:`block_conv` (on a CPU, for the shapes it wins)."""
-        return (target_platform() == "cpu" and
-                block_conv_applies(self.kernel_size, self.stride, self.dilation, self.groups, self.in_channels))
+        return _uses_blocks(self.kernel_size, self.stride, self.dilation, self.groups, self.in_channels)
 
     def _conv(self, x, pad_left: int = 0):
         """The convolution of x after ``pad_left`` zeros (given to the convolution, not written out)."""
-        w = self.weight[...].astype(self.dtype)
-        if self._blocks():
-            y = block_conv(x, w, self.stride, pad_left // self.stride)
-        else:
-            y = xla_conv(x, w, self.stride, pad_left, self.dilation, self.groups)
+        y = _causal_conv(x, self.weight[...].astype(self.dtype), self.stride, pad_left, self.dilation, self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -203,7 +212,7 @@ class ConvTranspose1d(nnx.Module):
         """Whether the batch call of x runs as a stride-1 convolution over output blocks (see the
         module docstring): ungrouped, a kernel of whole strides, and x at least the weight's size."""
         return (self.groups == 1 and self.kernel_size % self.stride == 0 and x.ndim == 3
-                and x.size >= self.weight[...].size)
+                and x.shape[-1] == self.in_channels and x.size >= self.weight[...].size)
 
     def _blocks_conv(self, x):
         """[B, T, C_in] -> [B, T * stride, C_out] (no bias): block t of ``stride`` outputs is
@@ -213,19 +222,18 @@ class ConvTranspose1d(nnx.Module):
         s, m = self.stride, self.kernel_size // self.stride
         w = self.weight[...].astype(self.dtype).reshape(ci, m, s * self.out_channels)
         w = w[:, ::-1].transpose(1, 0, 2)  # [m, C_in, s * C_out], tap order of a causal conv
-        x = x.astype(self.dtype)
-        if target_platform() == "cpu" and block_conv_applies(m, 1, 1, 1, ci):
-            y = block_conv(x, w, 1, m - 1)
-        else:
-            y = xla_conv(x, w, 1, m - 1)
+        y = _causal_conv(x.astype(self.dtype), w, 1, m - 1)
         return y.reshape(b, t * s, self.out_channels)
+
+    def _taps(self, x):
+        """[B, T, C_in] -> [B, T * stride, C_out] (no bias) by the per-step matmul and overlap-add,
+        trimmed: the path of short inputs (and, untrimmed, of streaming)."""
+        y = self._full(x)
+        return y[:, : y.shape[1] - self.trim]
 
     def __call__(self, x):
         """x [B, T, C_in] -> y [B, T * stride, C_out]."""
-        if x.ndim == 3 and x.shape[-1] == self.in_channels and self._as_conv(x):
-            return self._bias(self._blocks_conv(x))
-        y = self._full(x)
-        return self._bias(y[:, : y.shape[1] - self.trim])
+        return self._bias(self._blocks_conv(x) if self._as_conv(x) else self._taps(x))
 
     def init_state(self, batch: int) -> ConvTrState:
         return ConvTrState(jnp.zeros((batch, self.trim, self.out_channels), self.dtype))
