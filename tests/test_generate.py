@@ -15,6 +15,7 @@ from test_moshi_lm import converted, reference_lm, tiny_config
 
 from moshax.inference.moshi_stream import MoshiStream
 from moshax.inference.sampling import Sampling, sample
+from moshax.layers.attention import RowsKVCache
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -58,7 +59,9 @@ def test_greedy_tokens_match_lmgen(acoustic_delay, tmp_path):
     model = converted(cfg, lm, tmp_path)
     codes = user_codes(cfg, 2, frames, seed=acoustic_delay)
     ref = reference_tokens(lm, codes)
-    ours = moshax_tokens(MoshiStream(model, batch=2, sampling=Sampling.greedy()), codes)
+    stream = MoshiStream(model, batch=2, sampling=Sampling.greedy())
+    assert all(isinstance(c, RowsKVCache) for c in stream.state.cache)  # the CPU decoding layout
+    ours = moshax_tokens(stream, codes)
     equal = 0
     for t, (r, (tok, valid)) in enumerate(zip(ref, ours)):
         if r is None:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moshax.config import TransformerConfig
-from moshax.layers.attention import KVCache, MultiHeadAttention
+from moshax.layers.attention import KVCache, MultiHeadAttention, RowsKVCache
 from moshax.layers.mlp import MLP
 from moshax.layers.norms import LayerNorm, RMSNorm
 from moshax.layers.rope import apply_rope
@@ -92,6 +92,78 @@ def test_kv_ring_cache_streaming_equals_full(chunk):
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
     # slots hold the most recent 5 absolute positions
     assert sorted(np.asarray(cache.pos[0]).tolist()) == [8, 9, 10, 11, 12]
+
+
+def _as_rows(ring):
+    """A [B, S, H, D] ring as RowsKVCache's [B * H, D, S]."""
+    b, s, h, d = ring.shape
+    return np.asarray(ring).transpose(0, 2, 3, 1).reshape(b * h, d, s)
+
+
+@pytest.mark.parametrize("chunk,capacity", [(1, 5), (3, 5), (3, 7), (2, 12)])
+def test_rows_kv_cache_decodes_as_the_kv_cache(chunk, capacity):
+    """RowsKVCache ([B * H, D, S], the CPU decoding layout) against KVCache through the same
+    layer: outputs, slot contents and positions after a stream where the two batch rows sit at
+    different positions and the ring wraps; capacity 5 with chunks of 3 takes the concatenation
+    path (ring shorter than context + chunk - 1), the others write first and attend the ring."""
+    attn = MultiHeadAttention(16, 2, context=5, causal=True, rope=True, max_period=10000.0,
+                              init_std=0.3, rngs=nnx.Rngs(1))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 13, 16)).astype(np.float32))
+    start = jnp.asarray([[0], [6]])  # row 1 is 6 positions further along its stream
+    ring, rows = KVCache.empty(2, capacity, 2, 8), RowsKVCache.empty(2, capacity, 2, 8)
+    for s in range(0, 13, chunk):
+        e = min(s + chunk, 13)
+        pos = start + jnp.arange(s, e)[None]
+        y_ring, ring = attn(x[:, s:e], pos, ring)
+        y_rows, rows = attn(x[:, s:e], pos, rows)
+        assert isinstance(rows, RowsKVCache)
+        np.testing.assert_allclose(y_rows, y_ring, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(rows.pos, ring.pos)
+    np.testing.assert_array_equal(rows.k, _as_rows(ring.k))
+    np.testing.assert_array_equal(rows.v, _as_rows(ring.v))
+    assert sorted(np.asarray(rows.pos[1]).tolist())[-1] == 18
+
+
+def _ring_copies(cache_cls):
+    """Ops in a compiled one-query decode step (12 heads, ring 3000, donated) that copy or transpose a ring."""
+    attn = MultiHeadAttention(768, 12, context=3000, causal=True, rope=True, max_period=10000.0,
+                              init_std=0.02, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(attn)
+
+    def step(state, x, pos, cache):
+        return nnx.merge(graphdef, state)(x, pos, cache)
+
+    cache = cache_cls.empty(1, 3000, 12, 64)
+    x, pos = jnp.zeros((1, 1, 768)), jnp.zeros((1, 1), jnp.int32)
+    hlo = jax.jit(step, donate_argnums=(3,)).lower(state, x, pos, cache).compile().as_text()
+    ring_sizes = {"f32[1,3000,12,64]", "f32[12,64,3000]", "f32[12,3000,64]", "f32[1,12,64,3000]", "f32[3000,12,64]"}
+    return [line for line in hlo.splitlines()
+            if "=" in line and line.split("=")[1].split()[0].split("{")[0] in ring_sizes
+            and (" copy(" in line or " transpose(" in line or "copy_" in line.split("=")[0]
+                 or "transpose" in line.split("=")[0])]
+
+
+def test_rows_kv_cache_step_copies_no_ring():
+    """Why the rows layout exists: XLA:CPU transposes a [B, S, H, D] ring for the attention's dots
+    every step (the check finds those), and copies nothing ring-sized over a RowsKVCache."""
+    assert _ring_copies(KVCache), "the check no longer finds the [B, S, H, D] ring's transposes"
+    assert _ring_copies(RowsKVCache) == []
+
+
+@pytest.mark.parametrize("one_query,attention,rows", [(True, "auto", True), (False, "auto", False),
+                                                       (True, "pallas", False)])
+def test_inference_layout_picks_rows_rings_for_one_query_stacks(one_query, attention, rows):
+    """Only a stack marked ``decodes_one_query`` (Helium, Moshi's temporal transformer), with XLA's
+    attention, gets RowsKVCache rings on a CPU; Mimi's (two positions a frame) and the Pallas path
+    keep KVCache. Training keeps the stacked KVCache whatever the mark."""
+    stack = Transformer(_tiny_cfg(attention=attention), rngs=nnx.Rngs(0))
+    stack.decodes_one_query = one_query
+    assert isinstance(stack.init_state(2), KVCache)
+    stack.unstack_layers()
+    caches = stack.init_state(2)
+    assert len(caches) == 3 and all(isinstance(c, RowsKVCache if rows else KVCache) for c in caches)
+    if rows:
+        assert caches[0].k.shape == (2 * 2, 8, 8)  # [B * H, D, context]
 
 
 def test_gated_mlp_halves_are_gate_then_up():

@@ -41,12 +41,12 @@ import numpy as np
 from flax import nnx
 
 from moshax.inference.sampling import Sampling, sample, slot_keys
-from moshax.layers.attention import KVCache
+from moshax.layers.attention import KV_CACHES, KVCache, RowsKVCache
 from moshax.models.moshi_lm import UNGENERATED_TOKEN, initial_tokens
 
 
 class MoshiState(NamedTuple):
-    cache: Any  # temporal KV rings: a stacked KVCache [layers, B, ...] or a list of per-layer KVCache [B, ...]
+    cache: Any  # temporal KV rings: a stacked KVCache [layers, B, ...] or a list of per-layer KVCache/RowsKVCache
     tokens: jax.Array  # [B, K, max_delay + 2] int32, -2 = ungenerated
     offset: jax.Array  # [B] int32
     key: jax.Array  # [B, 2] uint32 PRNG key data
@@ -80,7 +80,7 @@ def _reset_cache(cache, mask):
         m = mask.reshape((1,) * axis + (-1, 1))
         return c._replace(pos=jnp.where(m, -1, c.pos))
 
-    return jax.tree.map(one, cache, is_leaf=lambda x: isinstance(x, KVCache))
+    return jax.tree.map(one, cache, is_leaf=lambda x: isinstance(x, KV_CACHES))
 
 
 def reset(state: MoshiState, mask, keys=None) -> MoshiState:
@@ -323,13 +323,20 @@ class MoshiStream:
 
 
 def _select_slots(mask, new, old):
-    """Per-slot choice between two states whose leaves all lead with the batch axis."""
+    """Per-slot choice between two states whose leaves all lead with the batch axis (a
+    :class:`RowsKVCache`'s rings with batch x heads: each slot's heads are chosen together)."""
     def pick(a, b):
+        if isinstance(a, RowsKVCache):
+            rows = jnp.repeat(mask, a.k.shape[0] // a.pos.shape[0])
+            return RowsKVCache(pick_rows(rows, a.k, b.k), pick_rows(rows, a.v, b.v), pick(a.pos, b.pos))
         if a.shape[:1] != mask.shape:
             raise ValueError(f"state leaf {a.shape} does not lead with the batch axis {mask.shape}")
-        return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+        return pick_rows(mask, a, b)
 
-    return jax.tree.map(pick, new, old)
+    def pick_rows(m, a, b):
+        return jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, RowsKVCache))
 
 
 class _Pair(nnx.Module):

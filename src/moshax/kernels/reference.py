@@ -22,7 +22,11 @@ def reference_attention(q, k, v, q_pos, k_pos, *, context: int | None, causal: b
     mask = attention_mask(q_pos, k_pos, context, causal)
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None], probs, 0.0)  # rows with no valid key give zeros, not NaN
+    probs = masked_softmax(scores, mask[:, None])
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def masked_softmax(scores, mask):
+    """Softmax over the last axis of the keys ``mask`` allows; rows with no valid key give zeros, not NaN."""
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.where(mask, probs, 0.0)

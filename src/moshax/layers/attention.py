@@ -3,6 +3,11 @@
 The ring buffer keeps the absolute position of every slot (-1 = empty), so the mask is simply
 ``k_pos >= 0 and 0 <= q_pos - k_pos < context``: RoPE and masking use absolute streaming positions
 and the same code serves training (no cache) and step-by-step decoding.
+
+Two ring layouts, same contents: :class:`KVCache` ``[B, S, H, D]`` (training-side shapes, the
+Pallas decode kernel, sharding rules) and :class:`RowsKVCache` ``[B * H, D, S]``, which a
+transformer's inference layout picks on a CPU for one-query decoding (see
+:meth:`moshax.layers.transformer.Transformer.unstack_layers`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moshax.kernels.attention import attention
+from moshax.kernels.attention import attention, attention_mask
+from moshax.kernels.reference import masked_softmax
 from moshax.layers.linear import STEP_AXIS, Selector, project, shared
 from moshax.layers.params import normal, param
 from moshax.layers.rope import apply_rope
@@ -46,11 +52,80 @@ class KVCache(NamedTuple):
         )
 
 
-def attend(q, k, v, positions, cache: KVCache | None, *, context: int | None, causal: bool, impl: str = "auto"):
+class RowsKVCache(NamedTuple):
+    """The ring of :class:`KVCache` stored as k, v ``[B * H, D, capacity]`` (a batch row's heads
+    contiguous, the slot last); pos ``[B, capacity]`` as there.
+
+    Why: XLA:CPU's batched dots want each head's keys and values as a ``[D, S]`` matrix. Over
+    ``[B, S, H, D]`` rings it transposes every ring every step (a copy of the whole cache per layer
+    per step), and any reshape between a donated ring and its in-place update makes it copy the
+    ring instead. Stored as these 3-D arrays and read by single-batch-dimension dots, a one-query
+    step has neither: the attention of config (b)'s 12 layers over 3000-step rings, 48-73 ms -> 9-11 ms
+    per step on 2 cores (docs/performance.md). Same values to the bit."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @staticmethod
+    def empty(batch: int, capacity: int, heads: int, head_dim: int, dtype=jnp.float32) -> "RowsKVCache":
+        shape = (batch * heads, head_dim, capacity)
+        return RowsKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, capacity), -1, jnp.int32))
+
+    def write(self, k, v, positions) -> "RowsKVCache":
+        """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity`` (rows may differ)."""
+        cap = self.pos.shape[1]
+        if k.shape[1] > cap:
+            k, v, positions = k[:, -cap:], v[:, -cap:], positions[:, -cap:]
+        b, _, h, _ = k.shape
+        slots = positions % cap  # [B, T]
+        rows = (jnp.arange(b)[:, None] * h + jnp.arange(h)[None, :])[:, :, None]  # [B, H, 1]
+        cols = slots[:, None, :]  # [B, 1, T]; rows[.., :, cols] is [B, H, T, D]
+        return RowsKVCache(
+            self.k.at[rows, :, cols].set(jnp.swapaxes(k, 1, 2).astype(self.k.dtype)),
+            self.v.at[rows, :, cols].set(jnp.swapaxes(v, 1, 2).astype(self.v.dtype)),
+            self.pos.at[jnp.arange(b)[:, None], slots].set(positions.astype(jnp.int32)),
+        )
+
+
+KV_CACHES = (KVCache, RowsKVCache)  # ``is_leaf`` for tree maps over streaming states
+
+
+def rows_attention(q, k_rows, v_rows, q_pos, k_pos, *, context: int | None, causal: bool):
+    """:func:`~moshax.kernels.reference.reference_attention` over rows-layout keys/values
+    [B * H, D, S]: q [B, T, H, D] -> [B, T, H, D]; softmax in fp32."""
+    b, t, h, d = q.shape
+    qf = jnp.swapaxes(q, 1, 2).reshape(b * h, t, d)
+    scores = jnp.einsum("nqd,ndk->nqk", qf, k_rows, preferred_element_type=jnp.float32) * d ** -0.5
+    scores = scores.reshape(b, h, t, -1)
+    probs = masked_softmax(scores, attention_mask(q_pos, k_pos, context, causal)[:, None])
+    out = jnp.einsum("nqk,ndk->nqd", probs.reshape(b * h, t, -1).astype(v_rows.dtype), v_rows)
+    return jnp.swapaxes(out.reshape(b, h, t, d), 1, 2)
+
+
+def _attend_rows(q, k, v, positions, cache: RowsKVCache, *, context: int | None, causal: bool):
+    """:func:`attend` over a :class:`RowsKVCache` (the same two cases)."""
+    if causal and context is not None and cache.pos.shape[1] >= context + k.shape[1] - 1:
+        cache = cache.write(k, v, positions)  # write first, attend over the ring alone (see attend)
+        return rows_attention(q, cache.k.astype(k.dtype), cache.v.astype(v.dtype), positions, cache.pos,
+                              context=context, causal=causal), cache
+    b, t, h, d = k.shape
+    keys = jnp.concatenate([cache.k.astype(k.dtype), k.transpose(0, 2, 3, 1).reshape(b * h, d, t)], axis=2)
+    values = jnp.concatenate([cache.v.astype(v.dtype), v.transpose(0, 2, 3, 1).reshape(b * h, d, t)], axis=2)
+    out = rows_attention(q, keys, values, positions, jnp.concatenate([cache.pos, positions], axis=1),
+                         context=context, causal=causal)
+    return out, cache.write(k, v, positions)
+
+
+def attend(q, k, v, positions, cache: KVCache | RowsKVCache | None, *, context: int | None, causal: bool,
+           impl: str = "auto"):
     """Attention of this chunk's queries over the cached keys/values (if any) and its own;
-    returns (out [B, T, H, D], the cache with this chunk written, or None)."""
+    returns (out [B, T, H, D], the cache with this chunk written, or None). A
+    :class:`RowsKVCache` is read by :func:`rows_attention` whatever ``impl``."""
     if cache is None:
         return attention(q, k, v, positions, positions, context=context, causal=causal, impl=impl), None
+    if isinstance(cache, RowsKVCache):
+        return _attend_rows(q, k, v, positions, cache, context=context, causal=causal)
     if causal and context is not None and cache.k.shape[1] >= context + k.shape[1] - 1:
         # A decode step of T positions, the ring at least context + T - 1 long: write first, then
         # attend over the ring alone (as Kyutai's RingKVCache). The slots it overwrites held

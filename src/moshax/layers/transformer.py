@@ -24,7 +24,7 @@ from flax import nnx
 
 from moshax.config import LAYER_LOOPS, TransformerConfig
 from moshax.kernels.attention import target_platform
-from moshax.layers.attention import KVCache, MultiHeadAttention
+from moshax.layers.attention import KVCache, MultiHeadAttention, RowsKVCache
 from moshax.layers.linear import Selector, shared
 from moshax.layers.mlp import MLP
 from moshax.layers.norms import make_norm
@@ -99,17 +99,26 @@ class Transformer(nnx.Module):
             return TransformerBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.layers = make_layers(rngs)
+        # Set by a model whose decoding feeds this stack one position at a time (Helium, Moshi's
+        # temporal transformer): its inference layout on a CPU then keeps RowsKVCache rings.
+        self.decodes_one_query = False
+        self.kv_rows = False
 
     @property
     def unstacked(self) -> bool:
         return isinstance(self.layers, nnx.List)
 
     def unstack_layers(self) -> None:
-        """Switch to the inference layout: one :class:`TransformerBlock` (own arrays) per layer.
-        Run eagerly, outside ``jit``; checkpoints and training keep the stacked layout."""
+        """Switch to the inference layout: one :class:`TransformerBlock` (own arrays) per layer,
+        and, on a CPU for a stack that decodes one query at a time (``decodes_one_query``) with
+        XLA's attention, :class:`~moshax.layers.attention.RowsKVCache` rings from
+        :meth:`init_state` (no per-step ring transposes). Run eagerly, outside ``jit``;
+        checkpoints and training keep the stacked layout."""
         if self.unstacked:
             return
         cfg = self.cfg
+        self.kv_rows = (self.decodes_one_query and jax.default_backend() == "cpu"
+                        and cfg.attention in ("auto", "xla"))
         abstract = nnx.eval_shape(lambda: TransformerBlock(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
                                                            rngs=nnx.Rngs(0)))
         stacked = nnx.to_pure_dict(nnx.state(self.layers))
@@ -122,8 +131,12 @@ class Transformer(nnx.Module):
 
     def init_state(self, batch: int, capacity: int | None = None, dtype=None) -> KVCache | list[KVCache]:
         """Empty KV ring buffers [B, capacity, H, D] (capacity defaults to context): stacked
-        [layers, ...] in one :class:`KVCache`, or a list of one per layer when unstacked."""
+        [layers, ...] in one :class:`KVCache`, or a list of one per layer when unstacked
+        (:class:`~moshax.layers.attention.RowsKVCache` ones when the inference layout chose them)."""
         cfg = self.cfg
+        if self.unstacked and self.kv_rows:
+            return [RowsKVCache.empty(batch, capacity or cfg.context, cfg.num_heads, cfg.head_dim, dtype or self.dtype)
+                    for _ in range(cfg.num_layers)]
         one = KVCache.empty(batch, capacity or cfg.context, cfg.num_heads, cfg.head_dim, dtype or self.dtype)
         if self.unstacked:
             return [one] + [jax.tree.map(jnp.copy, one) for _ in range(cfg.num_layers - 1)]

@@ -21,6 +21,7 @@ class Helium(nnx.Module):
         self.dtype = dtype
         self.text_emb = param(rngs, normal(1.0), (cfg.vocab_size, tcfg.dim), ("vocab", "embed"), pdtype)
         self.transformer = Transformer(tcfg, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.transformer.decodes_one_query = True  # its streaming step: one position per call
         self.out_norm = make_norm(tcfg.norm, tcfg.dim, tcfg.norm_eps, rngs=rngs)
         self.text_linear = param(rngs, normal(tcfg.init_std), (tcfg.dim, cfg.vocab_size), ("embed", "vocab"), pdtype)
 

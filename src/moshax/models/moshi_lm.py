@@ -109,6 +109,7 @@ class MoshiLM(nnx.Module):
         self.text_emb = param(rngs, normal(1.0), (cfg.text_card + 1, t.dim), ("vocab", "embed"), pdtype)
         self.emb = param(rngs, normal(1.0), (cfg.n_q, cfg.card + 1, t.dim), ("codebooks", "vocab", "embed"), pdtype)
         self.transformer = Transformer(t, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.transformer.decodes_one_query = True  # its streaming step: one position per call
         self.out_norm = make_norm(t.norm, t.dim, t.norm_eps, rngs=rngs)
         self.text_linear = param(rngs, normal(t.init_std), (t.dim, cfg.text_card), ("embed", "vocab"), pdtype)
 
