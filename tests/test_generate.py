@@ -159,6 +159,33 @@ def _tiny_mimi(bins=64, n_q=8):
     return draw_codebooks(model, tone(1.6)[None], np.random.default_rng(0))
 
 
+def test_duplex_loop_steps_every_slot_without_the_masked_step():
+    """``active`` all True is the plain step (same outputs as no mask, no masked step compiled);
+    a partial mask keeps the other slot's state as it was."""
+    from moshax.inference.moshi_stream import DuplexLoop
+
+    lm, mimi = _small_model(seed=1), _tiny_mimi()
+    plain, masked = (DuplexLoop(lm, mimi, batch=2, sampling=Sampling.greedy()) for _ in range(2))
+    pcm = np.random.default_rng(0).normal(0, 0.1, (5, 2, 1, mimi.frame_size)).astype(np.float32)
+    for t in range(4):
+        p_plain, o_plain = plain.step(pcm[t])
+        p_masked, o_masked = masked.step(pcm[t], active=np.ones(2, bool))
+        np.testing.assert_array_equal(p_masked, p_plain)
+        np.testing.assert_array_equal(o_masked.audio, o_plain.audio)
+    assert masked._masked_step is None
+    before = jax.tree.map(np.asarray, masked.lm_state)
+    masked.step(pcm[4], active=np.array([True, False]))
+    assert masked._masked_step is not None
+    after = jax.tree.map(np.asarray, masked.lm_state)
+    assert after.offset[1] == before.offset[1] and after.offset[0] == before.offset[0] + 1
+    np.testing.assert_array_equal(after.tokens[1], before.tokens[1])
+    ring_before, ring_after = before.cache[0], after.cache[0]  # RowsKVCache: rows [B * H, D, S]
+    h = ring_after.k.shape[0] // 2
+    np.testing.assert_array_equal(ring_after.k[h:], ring_before.k[h:])
+    np.testing.assert_array_equal(ring_after.pos[1], ring_before.pos[1])
+    assert (ring_after.pos[0] != ring_before.pos[0]).any()
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     from flax import nnx

@@ -169,7 +169,8 @@ class BatchedEngine:
             # twice: the fresh initial state and a reset one can differ in weak types, and each
             # would otherwise compile on a client's first frame
             for _ in range(2):
-                np.asarray(self.loop.step(pcm, active=np.ones(self.batch, bool))[0])
+                np.asarray(self.loop.step(pcm, active=np.ones(self.batch, bool))[0])  # every slot: the plain step
+                np.asarray(self.loop.step(pcm, active=np.zeros(self.batch, bool))[0])  # the masked one (no slot moves)
                 self.loop.reset_mimi(self._mask([0]))
                 self.loop.reset()
 
