@@ -186,6 +186,30 @@ def test_duplex_loop_steps_every_slot_without_the_masked_step():
     assert (ring_after.pos[0] != ring_before.pos[0]).any()
 
 
+
+def test_masked_step_leaves_idle_slots_as_they_were():
+    """A masked duplex step parks the idle slot: every leaf of its LM and Mimi states (KV rings
+    included) is as before the step, and the active slot's are those of a step of every slot."""
+    from moshax.inference.moshi_stream import DuplexLoop
+
+    lm, mimi = _small_model(seed=2), _tiny_mimi()
+    plain, masked = (DuplexLoop(lm, mimi, batch=2, sampling=Sampling.greedy()) for _ in range(2))
+    pcm = np.random.default_rng(1).normal(0, 0.1, (6, 2, 1, mimi.frame_size)).astype(np.float32)
+    for t in range(5):  # past max_delay: the Mimi decoder runs for both slots
+        plain.step(pcm[t])
+        masked.step(pcm[t])
+    assert np.asarray(plain.step(pcm[5])[1].valid).all()
+
+    def slot(state, b):  # each leaf leads with B (or B * heads for rows rings), slot-major
+        return [np.asarray(a).reshape((2, a.shape[0] // 2) + a.shape[1:])[b] for a in jax.tree.leaves(state)]
+
+    before = slot((masked.lm_state, masked.mimi_state), 1)
+    masked.step(pcm[5], active=np.array([True, False]))
+    for got, want in zip(slot((masked.lm_state, masked.mimi_state), 1), before):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(slot((masked.lm_state, masked.mimi_state), 0), slot((plain.lm_state, plain.mimi_state), 0)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     from flax import nnx

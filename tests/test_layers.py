@@ -124,6 +124,27 @@ def test_rows_kv_cache_decodes_as_the_kv_cache(chunk, capacity):
     assert sorted(np.asarray(rows.pos[1]).tolist())[-1] == 18
 
 
+
+@pytest.mark.parametrize("cache_cls", [KVCache, RowsKVCache])
+def test_negative_positions_write_nothing(cache_cls):
+    """A row written at negative positions (a parked serving slot) keeps its ring as it was,
+    contents and positions, while the other row's chunk lands at its slots."""
+    g = np.random.default_rng(0)
+    cache = cache_cls.empty(2, 6, 2, 4)
+    k0, v0 = (jnp.asarray(g.normal(size=(2, 3, 2, 4)).astype(np.float32)) for _ in range(2))
+    cache = cache.write(k0, v0, jnp.asarray([[0, 1, 2], [4, 5, 6]]))
+    before = jax.tree.map(np.asarray, cache)
+    k1, v1 = (jnp.asarray(g.normal(size=(2, 2, 2, 4)).astype(np.float32)) for _ in range(2))
+    after = jax.tree.map(np.asarray, cache.write(k1, v1, jnp.asarray([[3, 4], [-(2 ** 30), -(2 ** 30) + 1]])))
+    rows = after.k.shape[0] // 2  # 1 for KVCache [B, S, H, D], H for RowsKVCache [B * H, D, S]
+    np.testing.assert_array_equal(after.k[rows:], before.k[rows:])
+    np.testing.assert_array_equal(after.v[rows:], before.v[rows:])
+    np.testing.assert_array_equal(after.pos[1], before.pos[1])
+    np.testing.assert_array_equal(after.pos[0], [0, 1, 2, 3, 4, -1])
+    k_new = np.asarray(k1[0, 1]) if cache_cls is KVCache else np.asarray(k1[0, 1]).T  # slot 4, [H, D] / [D, H]
+    got = after.k[0, 4] if cache_cls is KVCache else after.k[:rows, :, 4].reshape(2, 4).T
+    np.testing.assert_array_equal(got, k_new)
+
 def _ring_copies(cache_cls):
     """Ops in a compiled one-query decode step (12 heads, ring 3000, donated) that copy or transpose a ring."""
     attn = MultiHeadAttention(768, 12, context=3000, causal=True, rope=True, max_period=10000.0,

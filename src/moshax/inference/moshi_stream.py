@@ -322,10 +322,23 @@ class MoshiStream:
         self.state = self._reset(self.state, jnp.asarray(mask), keys)
 
 
-def _select_slots(mask, new, old):
+# The position a parked slot steps at: negative, so no KV ring keeps what it computes
+# (KVCache.write drops negative positions) and only its small state leaves need restoring.
+PARKED = -(2 ** 30)
+
+
+def _park(mask, offset):
+    return jnp.where(mask, offset, PARKED)
+
+
+def _select_slots(mask, new, old, *, rings_kept: bool = False):
     """Per-slot choice between two states whose leaves all lead with the batch axis (a
-    :class:`RowsKVCache`'s rings with batch x heads: each slot's heads are chosen together)."""
+    :class:`RowsKVCache`'s rings with batch x heads: each slot's heads are chosen together).
+    ``rings_kept``: the slots outside ``mask`` were parked (:data:`PARKED`), so ``new``'s KV rings
+    already hold their old rows: take them as they are (selecting rings rewrites them all)."""
     def pick(a, b):
+        if rings_kept and isinstance(a, KV_CACHES):
+            return a
         if isinstance(a, RowsKVCache):
             rows = jnp.repeat(mask, a.k.shape[0] // a.pos.shape[0])
             return RowsKVCache(pick_rows(rows, a.k, b.k), pick_rows(rows, a.v, b.v), pick(a.pos, b.pos))
@@ -336,7 +349,7 @@ def _select_slots(mask, new, old):
     def pick_rows(m, a, b):
         return jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
 
-    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, RowsKVCache))
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, KV_CACHES if rings_kept else RowsKVCache))
 
 
 class _Pair(nnx.Module):
@@ -355,16 +368,24 @@ def duplex_step(lm, mimi, lm_state: MoshiState, mimi_state, pcm, sampling: Sampl
     codes, enc_state = mimi.encode_step(pcm, mimi_state, n_user)
     lm_state, out = step(lm, lm_state, codes, sampling)
     audio = jnp.where(out.valid[:, None], out.audio, 0)
-    pcm_out, dec_state = mimi.decode_step(audio[:, :, None], enc_state)
-    mimi_state = _select_slots(out.valid, dec_state, enc_state)
+    parked = enc_state._replace(decoder_offset=_park(out.valid, enc_state.decoder_offset))
+    pcm_out, dec_state = mimi.decode_step(audio[:, :, None], parked)
+    mimi_state = _select_slots(out.valid, dec_state, enc_state, rings_kept=True)
     pcm_out = jnp.where(out.valid[:, None, None], pcm_out, 0.0)
     return lm_state, mimi_state, pcm_out, out
 
 
-def _masked(result, lm_state, mimi_state, active):
-    """A :func:`duplex_step` result where the slots outside ``active`` keep their old states."""
-    new_lm, new_mimi, pcm_out, out = result
-    return _select_slots(active, new_lm, lm_state), _select_slots(active, new_mimi, mimi_state), pcm_out, out
+def masked_duplex_step(lm, mimi, lm_state: MoshiState, mimi_state, pcm, active, sampling: Sampling = Sampling()):
+    """:func:`duplex_step` for the slots in ``active`` [B] bool; the others keep their states, as
+    if this step had not happened. They step parked (negative positions: their KV ring writes are
+    dropped), so only their small state leaves are restored, not the rings. Their outputs are
+    not valid (silence, -2 tokens)."""
+    parked_lm = lm_state._replace(offset=_park(active, lm_state.offset))
+    parked_mimi = mimi_state._replace(encoder_offset=_park(active, mimi_state.encoder_offset),
+                                      decoder_offset=_park(active, mimi_state.decoder_offset))
+    new_lm, new_mimi, pcm_out, out = duplex_step(lm, mimi, parked_lm, parked_mimi, pcm, sampling)
+    return (_select_slots(active, new_lm, lm_state, rings_kept=True),
+            _select_slots(active, new_mimi, mimi_state, rings_kept=True), pcm_out, out)
 
 
 def reset_mimi(mimi, mimi_state, mask):
@@ -399,17 +420,16 @@ class DuplexLoop:
     def step(self, pcm, active=None):
         """pcm [B, 1, frame_size] float -> (pcm_out [B, 1, frame_size], StepOutput). ``active`` [B]
         bool (default all): slots outside it keep their state, as if this step had not happened
-        (a server steps only the conversations that have a frame; same batched cost). All True
-        runs the plain step: the masked one also selects every state leaf, KV rings included."""
+        (a server steps only the conversations that have a frame; same batched cost; the outputs
+        of the others are not valid). All True runs the plain step (:func:`masked_duplex_step`
+        otherwise)."""
         pcm = jnp.asarray(pcm, jnp.float32)
-        # every slot stepping: the plain step (the masked one selects every state leaf, KV rings
-        # included: +64 ms a frame for config (b) at batch 1 on 2 cores)
         if active is None or np.asarray(active, bool).all():
             self.lm_state, self.mimi_state, pcm_out, out = self._step(self.lm_state, self.mimi_state, pcm)
         else:
             if self._masked_step is None:
                 self._masked_step = self._bound.jit(
-                    lambda p, a, b, x, m: _masked(duplex_step(p.lm, p.mimi, a, b, x, self.sampling), a, b, m),
+                    lambda p, a, b, x, m: masked_duplex_step(p.lm, p.mimi, a, b, x, m, self.sampling),
                     donate_argnums=(0, 1))
             self.lm_state, self.mimi_state, pcm_out, out = self._masked_step(
                 self.lm_state, self.mimi_state, pcm, jnp.asarray(active, bool))

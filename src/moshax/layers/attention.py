@@ -39,17 +39,25 @@ class KVCache(NamedTuple):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, capacity), -1, jnp.int32))
 
     def write(self, k, v, positions) -> "KVCache":
-        """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity``."""
+        """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity``; negative positions
+        store nothing."""
         cap = self.k.shape[1]
         if k.shape[1] > cap:  # only the newest `cap` entries survive
             k, v, positions = k[:, -cap:], v[:, -cap:], positions[:, -cap:]
-        slots = positions % cap
+        slots = ring_slots(positions, cap)
         b = jnp.arange(k.shape[0])[:, None]
         return KVCache(
-            self.k.at[b, slots].set(k.astype(self.k.dtype)),
-            self.v.at[b, slots].set(v.astype(self.v.dtype)),
-            self.pos.at[b, slots].set(positions.astype(jnp.int32)),
+            self.k.at[b, slots].set(k.astype(self.k.dtype), mode="drop"),
+            self.v.at[b, slots].set(v.astype(self.v.dtype), mode="drop"),
+            self.pos.at[b, slots].set(positions.astype(jnp.int32), mode="drop"),
         )
+
+
+def ring_slots(positions, capacity: int):
+    """The ring slot of each position, ``capacity`` (out of range: the write is dropped) for a
+    negative one. Why: a server parks a slot for a step by giving it negative positions
+    (:func:`moshax.inference.moshi_stream.duplex_step`), so its rings need no restoring."""
+    return jnp.where(positions >= 0, positions % capacity, capacity)
 
 
 class RowsKVCache(NamedTuple):
@@ -73,18 +81,19 @@ class RowsKVCache(NamedTuple):
         return RowsKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, capacity), -1, jnp.int32))
 
     def write(self, k, v, positions) -> "RowsKVCache":
-        """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity`` (rows may differ)."""
+        """Store a chunk k, v [B, T, H, D] at slots ``positions % capacity`` (rows may differ);
+        negative positions store nothing."""
         cap = self.pos.shape[1]
         if k.shape[1] > cap:
             k, v, positions = k[:, -cap:], v[:, -cap:], positions[:, -cap:]
         b, _, h, _ = k.shape
-        slots = positions % cap  # [B, T]
+        slots = ring_slots(positions, cap)  # [B, T]
         rows = (jnp.arange(b)[:, None] * h + jnp.arange(h)[None, :])[:, :, None]  # [B, H, 1]
         cols = slots[:, None, :]  # [B, 1, T]; rows[.., :, cols] is [B, H, T, D]
         return RowsKVCache(
-            self.k.at[rows, :, cols].set(jnp.swapaxes(k, 1, 2).astype(self.k.dtype)),
-            self.v.at[rows, :, cols].set(jnp.swapaxes(v, 1, 2).astype(self.v.dtype)),
-            self.pos.at[jnp.arange(b)[:, None], slots].set(positions.astype(jnp.int32)),
+            self.k.at[rows, :, cols].set(jnp.swapaxes(k, 1, 2).astype(self.k.dtype), mode="drop"),
+            self.v.at[rows, :, cols].set(jnp.swapaxes(v, 1, 2).astype(self.v.dtype), mode="drop"),
+            self.pos.at[jnp.arange(b)[:, None], slots].set(positions.astype(jnp.int32), mode="drop"),
         )
 
 
