@@ -186,7 +186,6 @@ def test_duplex_loop_steps_every_slot_without_the_masked_step():
     assert (ring_after.pos[0] != ring_before.pos[0]).any()
 
 
-
 def test_masked_step_leaves_idle_slots_as_they_were():
     """A masked duplex step parks the idle slot: every leaf of its LM and Mimi states (KV rings
     included) is as before the step, and the active slot's are those of a step of every slot."""
@@ -209,6 +208,7 @@ def test_masked_step_leaves_idle_slots_as_they_were():
         np.testing.assert_array_equal(got, want)
     for got, want in zip(slot((masked.lm_state, masked.mimi_state), 0), slot((plain.lm_state, plain.mimi_state), 0)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):

@@ -124,7 +124,6 @@ def test_rows_kv_cache_decodes_as_the_kv_cache(chunk, capacity):
     assert sorted(np.asarray(rows.pos[1]).tolist())[-1] == 18
 
 
-
 @pytest.mark.parametrize("cache_cls", [KVCache, RowsKVCache])
 def test_negative_positions_write_nothing(cache_cls):
     """A row written at negative positions (a parked serving slot) keeps its ring as it was,
@@ -144,6 +143,7 @@ def test_negative_positions_write_nothing(cache_cls):
     k_new = np.asarray(k1[0, 1]) if cache_cls is KVCache else np.asarray(k1[0, 1]).T  # slot 4, [H, D] / [D, H]
     got = after.k[0, 4] if cache_cls is KVCache else after.k[:rows, :, 4].reshape(2, 4).T
     np.testing.assert_array_equal(got, k_new)
+
 
 def _ring_copies(cache_cls):
     """Ops in a compiled one-query decode step (12 heads, ring 3000, donated) that copy or transpose a ring."""

@@ -56,7 +56,7 @@ class KVCache(NamedTuple):
 def ring_slots(positions, capacity: int):
     """The ring slot of each position, ``capacity`` (out of range: the write is dropped) for a
     negative one. Why: a server parks a slot for a step by giving it negative positions
-    (:func:`moshax.inference.moshi_stream.duplex_step`), so its rings need no restoring."""
+    (:data:`moshax.inference.moshi_stream.PARKED`), so its rings need no restoring."""
     return jnp.where(positions >= 0, positions % capacity, capacity)
 
 
