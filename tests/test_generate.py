@@ -186,6 +186,27 @@ def test_duplex_loop_steps_every_slot_without_the_masked_step():
     assert (ring_after.pos[0] != ring_before.pos[0]).any()
 
 
+def test_duplex_loop_rejects_wrong_shapes_in_one_line():
+    """A frame or a slot mask of the wrong size is a ValueError naming what was expected, raised
+    before any state is touched (not a shape error from inside the jitted step)."""
+    from moshax.inference.moshi_stream import DuplexLoop
+
+    lm, mimi = _small_model(seed=1), _tiny_mimi()
+    loop = DuplexLoop(lm, mimi, batch=2, sampling=Sampling.greedy())
+    before = jax.tree.map(np.asarray, loop.lm_state)
+    with pytest.raises(ValueError, match=r"pcm: shape \(1, 1, \d+\), expected"):
+        loop.step(np.zeros((1, 1, mimi.frame_size), np.float32))
+    with pytest.raises(ValueError, match="active: expected 2 bools"):
+        loop.step(np.zeros((2, 1, mimi.frame_size), np.float32), active=[True, False, True])
+    with pytest.raises(ValueError, match="slot_mask: expected 2 bools"):
+        loop.reset(np.ones(3, bool))
+    with pytest.raises(ValueError, match="slot_mask: expected 2 bools"):
+        loop.reset_mimi([0.5, 1.0])
+    for got, want in zip(jax.tree.leaves(loop.lm_state), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(got, want)
+    loop.step(np.zeros((2, 1, mimi.frame_size), np.float32), active=[1, 0])  # ints are a mask too
+
+
 def test_masked_step_leaves_idle_slots_as_they_were():
     """A masked duplex step parks the idle slot: every leaf of its LM and Mimi states (KV rings
     included) is as before the step, and the active slot's are those of a step of every slot."""

@@ -175,6 +175,7 @@ def test_balancer_normalizes_gradients():
 # ------------------------------------------------------------------------------------------ task
 
 
+@pytest.mark.slow  # ~35 s on 2 cores; `make test` stays under 15 min, CI's slow suite runs it
 def test_gan_gradients_stay_on_their_side(corpus, tmp_path):
     """G losses move only the codec (the discriminator is under stop_gradient there), the D loss
     only the discriminator (decoded audio under stop_gradient)."""
@@ -238,6 +239,7 @@ def _losses(summary):
     return [h["loss"] for h in summary["history"] if "loss" in h]
 
 
+@pytest.mark.slow  # ~90 s on 2 cores (three GAN-step compiles); `make test` stays under 15 min, CI's slow suite runs it
 def test_training_updates_codebooks_and_resumes_exactly(corpus, tmp_path, capsys):
     """Online (mel) teacher, EMA codebooks, k-means init, eval, exact resume, and the workdir read
     back as a codec by `moshax mimi encode`."""

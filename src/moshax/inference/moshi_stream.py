@@ -424,7 +424,12 @@ class DuplexLoop:
         of the others are not valid). All True runs the plain step (:func:`masked_duplex_step`
         otherwise)."""
         pcm = jnp.asarray(pcm, jnp.float32)
-        if active is None or np.asarray(active, bool).all():
+        if pcm.shape != (self.batch, 1, self.frame_size):
+            raise ValueError(f"pcm: shape {pcm.shape}, expected [batch, 1, frame_size] = "
+                             f"{[self.batch, 1, self.frame_size]}")
+        if active is not None:
+            active = self._slot_mask(active, "active")
+        if active is None or active.all():
             self.lm_state, self.mimi_state, pcm_out, out = self._step(self.lm_state, self.mimi_state, pcm)
         else:
             if self._masked_step is None:
@@ -432,18 +437,26 @@ class DuplexLoop:
                     lambda p, a, b, x, m: masked_duplex_step(p.lm, p.mimi, a, b, x, m, self.sampling),
                     donate_argnums=(0, 1))
             self.lm_state, self.mimi_state, pcm_out, out = self._masked_step(
-                self.lm_state, self.mimi_state, pcm, jnp.asarray(active, bool))
+                self.lm_state, self.mimi_state, pcm, jnp.asarray(active))
         return pcm_out, out
+
+    def _slot_mask(self, mask, name: str) -> np.ndarray:
+        """A per-slot bool mask as numpy, or one clear line when it does not have ``batch`` entries."""
+        mask = np.asarray(mask)
+        if mask.shape != (self.batch,) or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)):
+            raise ValueError(f"{name}: expected {self.batch} bools (one per slot), got shape {mask.shape} "
+                             f"of {mask.dtype}")
+        return mask.astype(bool)
 
     def reset_mimi(self, slot_mask) -> None:
         """Restart only the Mimi streaming state of the slots in ``slot_mask`` (Kyutai's server does
         this after a conversation's first frame: its encoding carries the left padding)."""
         if self._reset_mimi is None:
             self._reset_mimi = self._bound.jit(lambda p, b, m: reset_mimi(p.mimi, b, m), donate_argnums=(0,))
-        self.mimi_state = self._reset_mimi(self.mimi_state, jnp.asarray(slot_mask, bool))
+        self.mimi_state = self._reset_mimi(self.mimi_state, jnp.asarray(self._slot_mask(slot_mask, "slot_mask")))
 
     def reset(self, slot_mask=None, seed: int | None = None) -> None:
-        mask = np.ones(self.batch, bool) if slot_mask is None else np.asarray(slot_mask, bool)
+        mask = np.ones(self.batch, bool) if slot_mask is None else self._slot_mask(slot_mask, "slot_mask")
         keys = slot_keys(self.seed if seed is None else seed, self.batch)
         self.lm_state, self.mimi_state = self._reset(self.lm_state, self.mimi_state, jnp.asarray(mask), keys)
 
