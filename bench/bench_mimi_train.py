@@ -45,6 +45,11 @@ from bench_lm_train import PAUSE, tune_malloc  # noqa: E402
 from common import LineWorker, header, median  # noqa: E402
 
 B, CROP_S = 4, 2.0
+# Both sides k-means-initialize one more codebook level per training step (Kyutai's rule: a level
+# starts once the one before it has), so the first 8 steps of a run (1 semantic + 7 acoustic
+# levels, the acoustic ones one after the other) each carry a 50-iteration k-means: the warm-up
+# runs past them and the timed steps are the steady state of a training run.
+STEADY_STATE_AFTER = 8
 
 
 def reference_worker(rc_path: str, weights: str, crops_path: str) -> None:
@@ -73,9 +78,11 @@ def reference_worker(rc_path: str, weights: str, crops_path: str) -> None:
         loss.backward()
         return loss.item()
 
-    loss = step(0)
-    step(0)
+    for _ in range(STEADY_STATE_AFTER):  # every codebook level k-means-initialized (one level a step)
+        loss = step(0)
     opt.step()  # warm-up: AdamW allocates its state on the first step
+    inited = [bool(b.item()) for n, b in ref.named_buffers() if n.endswith("_initialized")]
+    assert inited and all(inited), "a reference codebook level is not initialized after the warm-up"
     print(json.dumps({"loss": loss, "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
         what, i = line.split()
@@ -136,6 +143,11 @@ def moshax_side(model, cfg, crops):
         t0 = time.perf_counter()
         info["loss"] = fn(0)
         info[name] = time.perf_counter() - t0
+    for _ in range(STEADY_STATE_AFTER - 2):  # the rest of the k-means warm-up (see STEADY_STATE_AFTER)
+        fwd_bwd(0)
+    initialized = [np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state["rest"])
+                   if "initialized" in jax.tree_util.keystr(k)]
+    assert initialized and all(a.all() for a in initialized), "a codebook level is not initialized after the warm-up"
     return fwd_bwd, full, info
 
 

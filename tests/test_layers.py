@@ -1,5 +1,7 @@
 """Shared layers against plain numpy references."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -418,9 +420,44 @@ def test_seanet_config_rejects_a_non_positive_elu_alpha():
         SEANetConfig(elu_alpha=-1.0).validate("model.seanet")
 
 
+def test_two_row_products_run_one_gemv_per_row_on_a_cpu():
+    """A 2-row product (streaming Mimi at batch 1, a batch-2 LM step) is one matrix-vector product
+    per row on a CPU, with the plain product's values; other row counts and a TPU trace keep the
+    single dot. The transposed convolution's taps take the same path."""
+    from moshax.kernels.attention import compiling_for_tpu
+    from moshax.layers.conv import ConvTranspose1d
+    from moshax.layers.linear import matmul
+
+    r = np.random.default_rng(5)
+    w = jnp.asarray(r.standard_normal((64, 96)).astype(np.float32))
+
+    def dots(x):
+        hlo = jax.jit(lambda x, w: matmul(x, w)).lower(x, w).as_text()  # a fresh trace every time
+        return sorted(re.findall(r"dot_general[^\n]*?: \((tensor<[0-9x]+xf32>)", hlo))
+
+    for rows in (1, 2, 3):
+        x = jnp.asarray(r.standard_normal((rows, 64)).astype(np.float32))
+        np.testing.assert_allclose(np.asarray(matmul(x, w)), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-5)
+        want = ["tensor<1x64xf32>"] * 2 if rows == 2 else [f"tensor<{rows}x64xf32>"]
+        assert dots(x) == want, (rows, dots(x))
+    with compiling_for_tpu():
+        assert dots(x[:2]) == ["tensor<2x64xf32>"]
+
+    conv = ConvTranspose1d(64, 8, 4, stride=2, rngs=nnx.Rngs(0))
+    x = jnp.asarray(r.standard_normal((1, 2, 64)).astype(np.float32))
+    hlo = jax.jit(lambda x: conv.step(x, conv.init_state(1))[0]).lower(x).as_text()
+    assert len(re.findall(r"dot_general[^\n]*?: \(tensor<1x64xf32>", hlo)) == 2
+    y, _ = conv.step(x, conv.init_state(1))
+    with compiling_for_tpu():
+        y_plain, _ = conv.step(x, conv.init_state(1))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_plain), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("x_shape, w_shape, n_in", [((2, 5, 8), (8, 3, 2, 4), 1),  # qkv: [embed, 3, heads, hd]
                                                     ((3, 4, 2, 4), (2, 4, 6), 2),  # out_proj: [heads, hd, embed]
-                                                    ((4, 2, 8), (8, 16), 1)])  # an MLP matmul
+                                                    ((4, 2, 8), (8, 16), 1),  # an MLP matmul
+                                                    ((1, 2, 8), (8, 16), 1),  # 2 rows: one GEMV per row
+                                                    ((2, 1, 2, 4), (2, 4, 6), 2)])
 def test_cpu_projection_equals_einsum_with_gradients(x_shape, w_shape, n_in):
     """On a CPU a shared weight's projection takes a custom VJP (the weight gradient over a
     materialized x^T, behind an optimization barrier): same values and gradients as the plain

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moshax.kernels.attention import target_platform
+from moshax.layers import linear
 from moshax.layers.block_conv import block_conv, block_conv_applies, xla_conv
 from moshax.layers.params import param
 
@@ -193,7 +194,7 @@ class ConvTranspose1d(nnx.Module):
         w = self.weight[...].astype(self.dtype)
         x = x.astype(self.dtype)
         if g == 1:
-            taps = (x.reshape(b * t, -1) @ w.reshape(self.in_channels, k * self.out_channels))
+            taps = linear.matmul(x.reshape(b * t, -1), w.reshape(self.in_channels, k * self.out_channels))
         else:
             cig, cog = self.in_channels // g, self.out_channels // g
             taps = jnp.einsum("ngc,gcko->nkgo", x.reshape(b * t, g, cig), w.reshape(g, cig, k, cog))

@@ -66,6 +66,30 @@ def _einsum(x, w, n_in: int, per_position: bool = False, position_major: bool = 
     return jnp.einsum(f"{lead}{cin},{'t' if per_position else ''}{cin}{cout}->{lead}{cout}", x, w)
 
 
+# Products with this many rows (batch x positions) run as one matrix-vector product per row on a
+# CPU: streaming Mimi at batch 1 (two 25 Hz positions a frame) and a batch-2 LM step. XLA:CPU's
+# GEMV reads a weight at ~23-25 GB/s here, its 2-row GEMM (YNNPACK) at 9-12; with one GEMV per
+# row the second read of the weight comes mostly from the cache: 13-16 GB/s of weight for the
+# Mimi transformer's shapes (docs/performance.md). Three rows or more: the GEMM is as fast.
+GEMV_ROWS = 2
+
+
+def matmul(x, w):
+    """x [M, K] @ w [K, N]; traced for a CPU with M == :data:`GEMV_ROWS`, one GEMV per row."""
+    if x.shape[0] != GEMV_ROWS or target_platform() != "cpu":
+        return x @ w
+    return jnp.concatenate([x[i:i + 1] @ w for i in range(GEMV_ROWS)])
+
+
+def _einsum_cpu(x, w, n_in: int):
+    """The shared-weight einsum, through :func:`matmul` when x has :data:`GEMV_ROWS` rows."""
+    lead = x.shape[: x.ndim - n_in]
+    if math.prod(lead) != GEMV_ROWS:
+        return _einsum(x, w, n_in)
+    k = math.prod(x.shape[x.ndim - n_in:])
+    return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(lead + w.shape[n_in:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project_cpu(x, w, n_in: int):
     """``project`` with a shared weight, whose weight gradient is ``x^T @ g`` over a materialized
@@ -73,12 +97,13 @@ def _project_cpu(x, w, n_in: int):
     dot, fused into g's producer (the GELU backward, the attention's) as a loop that writes at a
     stride of T floats: ~5 ms per [200, 2048] MLP gradient. Mimi's transformer fwd+bwd (8 layers,
     4 x 50 tokens): -15 to -19% (docs/performance.md). The optimization barrier keeps XLA from
-    folding the transpose back into the dot. Forward and input gradient: the plain einsum's."""
-    return _einsum(x, w, n_in)
+    folding the transpose back into the dot. Forward: :func:`_einsum_cpu`; input gradient: the
+    plain einsum's."""
+    return _einsum_cpu(x, w, n_in)
 
 
 def _project_cpu_fwd(x, w, n_in):
-    return _einsum(x, w, n_in), (x, w)
+    return _einsum_cpu(x, w, n_in), (x, w)
 
 
 def _project_cpu_bwd(n_in, res, g):
