@@ -207,6 +207,40 @@ def test_duplex_loop_rejects_wrong_shapes_in_one_line():
     loop.step(np.zeros((2, 1, mimi.frame_size), np.float32), active=[1, 0])  # ints are a mask too
 
 
+def test_reset_mimi_restarts_one_slot_and_leaves_the_other():
+    """``reset_mimi`` gives the slots in the mask a fresh Mimi state (small leaves as a fresh
+    state's, every KV ring slot empty: pos -1) and leaves every leaf of the others as it was."""
+    from moshax.inference.moshi_stream import DuplexLoop
+    from moshax.layers.attention import KV_CACHES
+
+    lm, mimi = _small_model(seed=3), _tiny_mimi()
+    loop = DuplexLoop(lm, mimi, batch=2, sampling=Sampling.greedy())
+    pcm = np.random.default_rng(2).normal(0, 0.1, (3, 2, 1, mimi.frame_size)).astype(np.float32)
+    for t in range(3):
+        loop.step(pcm[t])
+    is_ring = lambda x: isinstance(x, KV_CACHES)  # noqa: E731
+    before = jax.tree.map(np.asarray, loop.mimi_state)
+    fresh = jax.tree.map(np.asarray, loop.mimi.init_state(2))
+    loop.reset_mimi(np.array([True, False]))
+    after = jax.tree.map(np.asarray, loop.mimi_state)
+    def slot(tree, i):  # slot i of every leaf; a ring's batch axis is its pos's second to last
+        def take(x):
+            if is_ring(x):
+                return [np.take(f, i, axis=x.pos.ndim - 2) for f in x]
+            return x[i]
+        return jax.tree.leaves(jax.tree.map(take, tree, is_leaf=is_ring))
+
+    rings = [r for r in jax.tree.leaves(after, is_leaf=is_ring) if is_ring(r)]
+    assert rings and all((np.take(r.pos, 0, axis=r.pos.ndim - 2) == -1).all() for r in rings)
+    rings_before = [r for r in jax.tree.leaves(before, is_leaf=is_ring) if is_ring(r)]
+    assert any((np.take(r.pos, 0, axis=r.pos.ndim - 2) >= 0).any() for r in rings_before)  # it emptied something
+    for got, want in zip(slot(after, 1), slot(before, 1)):
+        np.testing.assert_array_equal(got, want)
+    small = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: None if is_ring(x) else x, tree, is_leaf=is_ring))  # noqa: E731
+    for got, want in zip(small(after), small(fresh)):
+        np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_masked_step_leaves_idle_slots_as_they_were():
     """A masked duplex step parks the idle slot: every leaf of its LM and Mimi states (KV rings
     included) is as before the step, and the active slot's are those of a step of every slot."""

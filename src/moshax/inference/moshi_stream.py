@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from moshax.inference.sampling import Sampling, sample, slot_keys
-from moshax.layers.attention import KV_CACHES, KVCache, RowsKVCache
+from moshax.layers.attention import KV_CACHES, KVCache
 from moshax.models.moshi_lm import UNGENERATED_TOKEN, initial_tokens
 
 
@@ -331,25 +331,19 @@ def _park(mask, offset):
     return jnp.where(mask, offset, PARKED)
 
 
-def _select_slots(mask, new, old, *, rings_kept: bool = False):
-    """Per-slot choice between two states whose leaves all lead with the batch axis (a
-    :class:`RowsKVCache`'s rings with batch x heads: each slot's heads are chosen together).
-    ``rings_kept``: the slots outside ``mask`` were parked (:data:`PARKED`), so ``new``'s KV rings
-    already hold their old rows: take them as they are (selecting rings rewrites them all)."""
+def _select_slots(mask, new, old):
+    """Per-slot choice between two states whose leaves all lead with the batch axis, KV rings
+    excepted: those are taken from ``new`` as they are (selecting rings rewrites them all). The
+    slots outside ``mask`` must not have written to them: they stepped parked (:data:`PARKED`),
+    or their rings are emptied afterwards (:func:`_reset_cache`)."""
     def pick(a, b):
-        if rings_kept and isinstance(a, KV_CACHES):
+        if isinstance(a, KV_CACHES):
             return a
-        if isinstance(a, RowsKVCache):
-            rows = jnp.repeat(mask, a.k.shape[0] // a.pos.shape[0])
-            return RowsKVCache(pick_rows(rows, a.k, b.k), pick_rows(rows, a.v, b.v), pick(a.pos, b.pos))
         if a.shape[:1] != mask.shape:
             raise ValueError(f"state leaf {a.shape} does not lead with the batch axis {mask.shape}")
-        return pick_rows(mask, a, b)
+        return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
 
-    def pick_rows(m, a, b):
-        return jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-
-    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, KV_CACHES if rings_kept else RowsKVCache))
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, KV_CACHES))
 
 
 class _Pair(nnx.Module):
@@ -370,7 +364,7 @@ def duplex_step(lm, mimi, lm_state: MoshiState, mimi_state, pcm, sampling: Sampl
     audio = jnp.where(out.valid[:, None], out.audio, 0)
     parked = enc_state._replace(decoder_offset=_park(out.valid, enc_state.decoder_offset))
     pcm_out, dec_state = mimi.decode_step(audio[:, :, None], parked)
-    mimi_state = _select_slots(out.valid, dec_state, enc_state, rings_kept=True)
+    mimi_state = _select_slots(out.valid, dec_state, enc_state)
     pcm_out = jnp.where(out.valid[:, None, None], pcm_out, 0.0)
     return lm_state, mimi_state, pcm_out, out
 
@@ -384,13 +378,16 @@ def masked_duplex_step(lm, mimi, lm_state: MoshiState, mimi_state, pcm, active, 
     parked_mimi = mimi_state._replace(encoder_offset=_park(active, mimi_state.encoder_offset),
                                       decoder_offset=_park(active, mimi_state.decoder_offset))
     new_lm, new_mimi, pcm_out, out = duplex_step(lm, mimi, parked_lm, parked_mimi, pcm, sampling)
-    return (_select_slots(active, new_lm, lm_state, rings_kept=True),
-            _select_slots(active, new_mimi, mimi_state, rings_kept=True), pcm_out, out)
+    return (_select_slots(active, new_lm, lm_state),
+            _select_slots(active, new_mimi, mimi_state), pcm_out, out)
 
 
 def reset_mimi(mimi, mimi_state, mask):
-    fresh = mimi.init_state(mask.shape[0])
-    return _select_slots(~mask, mimi_state, fresh)
+    """Restart the Mimi streaming state of the slots in ``mask``: their small leaves from a fresh
+    state, their KV rings emptied in place (as :func:`reset` does the LM's)."""
+    kept = _select_slots(~mask, mimi_state, mimi.init_state(mask.shape[0]))
+    return jax.tree.map(lambda c: _reset_cache(c, mask) if isinstance(c, KV_CACHES) else c, kept,
+                        is_leaf=lambda x: isinstance(x, KV_CACHES))
 
 
 class DuplexLoop:
