@@ -1,6 +1,7 @@
-"""Streaming Moshi generation: per-frame latency of the LM step and of the full duplex loop.
+"""Streaming Moshi generation: per-frame latency of the LM step and of the full duplex loop,
+moshax beside the PyTorch reference in the same run.
 
-    .venv/bin/python bench/bench_generate.py [--frames 100] [--warmup 10] [--batch 1]
+    .venv/bin/python bench/bench_generate.py [--frames 100] [--warmup 10] [--batch 1] [--no-reference]
     .venv/bin/python bench/bench_generate.py --batches 1,8,32 --frames 20 --warmup 3   # frames/s per batch
 
 Config (b) of /work/shared/bench-ref/common.py ``LM_B`` (dim 768, 12 layers, depformer 512 x 4,
@@ -17,11 +18,22 @@ p50/p99 over ``--frames`` frames after ``--warmup`` frames (the first compiles),
 to ``block_until_ready``. The real-time budget is 80 ms per frame. ``--batches``: the greedy LM
 step and the full loop at each batch size, as frames/s over all streams (batch / p50) and the
 number of real-time conversations that throughput carries (frames/s / 12.5).
+
+The reference side (batch 1 only; ``--no-reference`` skips it) is Kyutai's installed ``moshi``
+package in a child process (2 torch threads; the two runtimes' thread pools slow each other down in
+one process), built by this file and bench/reference.py exactly as ``bench-ref/bench_lmgen.py``
+does: ``LMGen(use_sampling=False)`` on config (b), and the loop Mimi streaming encode ->
+``LMGen.step`` -> Mimi streaming decode with the full released Mimi. Both sides run ``--rounds``
+alternated rounds of ``frames / rounds`` frames each (reference LM, moshax LM, reference loop,
+moshax loop, ...) so that a change in the machine's load hits both alike; the load average is
+printed at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +42,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header  # noqa: E402
+from common import LineWorker, header  # noqa: E402
 
 from moshax.interop.lm_config import moshi_config_from_kyutai  # noqa: E402
 
@@ -38,8 +50,68 @@ LM_B = dict(dim=768, num_layers=12, num_heads=12, text_card=32000, card=2048, co
             depformer_dim_feedforward=int(4.125 * 512), depformer_num_heads=8, depformer_num_layers=4)
 
 
+PAUSE = 0.5  # s of idle before each round: the other side's spinning worker threads go to sleep
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs) * 1e3, q))
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def reference_worker(frames_total: int) -> None:
+    """Child process: Kyutai's LMGen (greedy) on config (b) and the full loop with the full Mimi,
+    random weights (bench/reference.py builds Mimi). Each stdin line "lm N" / "loop N" runs N more
+    frames of the same stream and prints their per-frame ms as one JSON line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_reference", Path(__file__).resolve().parent / "reference.py")
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    import torch
+    from moshi.models import LMGen, loaders
+
+    if os.environ.get("MOSHAX_BENCH_MALLOC") == "tuned":
+        from moshax.host_malloc import tune_host_malloc
+
+        tune_host_malloc(1)
+    mimi, _ = rc.build_full_mimi()
+    torch.manual_seed(4321)
+    lm = loaders.get_moshi_lm(None, dict(loaders._lm_kwargs, **LM_B), device="cpu", dtype=torch.float32)
+    lm.eval()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, LM_B["card"], (frames_total, 1, lm.dep_q, 1), generator=g)
+    wav = rc.synth_audio(frames_total * rc.FRAME / rc.SR, seed=11)
+    # One LMGen stream carries both rows (the LM's streaming state lives in its modules, so two
+    # generators cannot share it); its positions stay far inside the 3000-frame context.
+    gen = LMGen(lm, use_sampling=False)
+    gen.streaming_forever(1)
+    mimi.streaming_forever(1)
+    at = {"lm": 0, "loop": 0}
+
+    def lm_frame(i):
+        gen.step(codes[i])
+
+    def loop_frame(i):
+        out = gen.step(mimi.encode(wav[:, :, i * rc.FRAME:(i + 1) * rc.FRAME]))
+        if out is not None:  # the first frame: LMGen holds its output back by the delays
+            mimi.decode(out[:, 1:])
+
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "params": sum(p.numel() for p in lm.parameters())}), flush=True)
+    for line in sys.stdin:
+        what, n = line.split()
+        frame = lm_frame if what == "lm" else loop_frame
+        ms = []
+        with torch.no_grad():
+            for _ in range(int(n)):
+                t0 = time.perf_counter()
+                frame(at[what])
+                ms.append(time.perf_counter() - t0)
+                at[what] += 1
+        print(json.dumps({"seconds": ms}), flush=True)
 
 
 def run(fn, inputs, warmup):
@@ -59,9 +131,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--batches", help="comma-separated batch sizes: frames/s of the LM step and the loop at each")
+    ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
+    ap.add_argument("--rounds", type=int, default=4, help="alternated rounds of frames/rounds frames per side")
+    ap.add_argument("--reference-worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.reference_worker:
+        reference_worker(args.reference_worker)
+        return 0
     if args.batches:
         return batched(args)
+    if args.frames < args.rounds or args.warmup < 1:
+        ap.error("--frames must be at least --rounds, and --warmup at least 1")
     from flax import nnx
 
     from moshax.inference.moshi_stream import DuplexLoop, MoshiStream
@@ -71,38 +151,73 @@ def main() -> int:
     from moshax.models.moshi_lm import MoshiLM
 
     header(f"Moshi streaming generation, config (b), fp32, batch {args.batch}")
+    n = args.warmup + args.frames
+    ref = None
+    if args.no_reference or args.batch != 1:
+        print("reference side: skipped" + ("" if args.no_reference else " (it runs at batch 1 only)"))
+    else:
+        ref = LineWorker([sys.executable, __file__, "--reference-worker", str(n)], "default")
+        print(f"reference side: torch {ref.info['torch']}, {ref.info['threads']} threads, child process, "
+              f"{ref.info['params'] / 1e6:.2f}M params")
+    print(f"load average at the start {load()}")
     cfg = moshi_config_from_kyutai(LM_B)
     lm = MoshiLM(cfg, rngs=nnx.Rngs(0))
     print(f"config (b): {lm.num_params() / 1e6:.2f}M params, context {cfg.transformer.context}, "
           f"delays {cfg.delays}")
-    n = args.warmup + args.frames
     g = np.random.default_rng(0)
     codes = g.integers(0, cfg.card, (n, args.batch, cfg.n_q - cfg.dep_q, 1)).astype(np.int32)
-    rows = {}
+    # name -> (per-frame call, its inputs, reference request or None)
+    sides = {}
     for name, sampling in (("LM step, greedy", Sampling.greedy()), ("LM step, sampled (defaults)", Sampling())):
         gen = MoshiStream(lm, args.batch, sampling)
-        t0 = time.perf_counter()
-        gen.step(codes[0])
-        jax.block_until_ready(gen.state)
-        print(f"{name}: first step (compile) {time.perf_counter() - t0:.1f} s")
-        rows[name] = run(lambda c: gen.step(c).audio, codes[1:], args.warmup - 1)
-        del gen
+        sides[name] = ((lambda c, gen=gen: gen.step(c).audio), codes, "lm" if sampling.temperature == 0 else None)
     if not args.skip_loop:
         mimi = Mimi(MimiConfig(), rngs=nnx.Rngs(1))
         loop = DuplexLoop(lm, mimi, args.batch, Sampling.greedy())
-        fs = loop.frame_size
-        wav = (0.1 * g.standard_normal((n, args.batch, 1, fs))).astype(np.float32)
+        wav = (0.1 * g.standard_normal((n, args.batch, 1, loop.frame_size))).astype(np.float32)
+        sides["full loop (Mimi encode + LM step + Mimi decode)"] = (lambda x: loop.step(x)[0], wav, "loop")
+    at = dict.fromkeys(sides, 0)
+
+    def frames(name, count):
+        fn, inputs, _ = sides[name]
+        ms = run(fn, inputs[at[name]:at[name] + count], 0)
+        at[name] += count
+        return ms
+
+    for name in sides:
         t0 = time.perf_counter()
-        jax.block_until_ready(loop.step(wav[0])[0])
-        print(f"full loop: first frame (compile) {time.perf_counter() - t0:.1f} s")
-        rows["full loop (Mimi encode + LM step + Mimi decode)"] = run(lambda x: loop.step(x)[0], wav[1:],
-                                                                       args.warmup - 1)
+        frames(name, 1)
+        print(f"{name}: first frame (compile) {time.perf_counter() - t0:.1f} s")
+        frames(name, args.warmup - 1)
+        if ref is not None and sides[name][2]:
+            ref.request(f"{sides[name][2]} {args.warmup}")
+    ours = {name: [] for name in sides}
+    theirs = {name: [] for name in sides if ref is not None and sides[name][2]}
+    per_round = [args.frames // args.rounds + (r < args.frames % args.rounds) for r in range(args.rounds)]
+    for count in per_round:  # alternated rounds: a change of load hits both sides alike
+        for name in sides:
+            if name in theirs:
+                time.sleep(PAUSE)
+                theirs[name] += ref.request(f"{sides[name][2]} {count}")["seconds"]
+            time.sleep(PAUSE)
+            ours[name] += frames(name, count)
+    if ref is not None:
+        ref.close()
     print()
-    print(f"| per frame (batch {args.batch}) | p50 ms | p99 ms | mean ms | real-time factor (p50 / 80 ms) |")
-    print("|---|---|---|---|---|")
-    for name, ms in rows.items():
-        print(f"| {name} | {pct(ms, 50):.1f} | {pct(ms, 99):.1f} | {1e3 * np.mean(ms):.1f} | {pct(ms, 50) / 80:.2f} |")
-    print(f"{args.frames} frames timed after {args.warmup} warm-up frames; random weights and inputs")
+    print(f"| per frame (batch {args.batch}) | p50 ms | p99 ms | mean ms | real-time factor (p50 / 80 ms) "
+          "| reference p50 ms | reference p99 ms | moshax vs reference (p50) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, ms in ours.items():
+        row = f"| {name} | {pct(ms, 50):.1f} | {pct(ms, 99):.1f} | {1e3 * np.mean(ms):.1f} | {pct(ms, 50) / 80:.2f} |"
+        if name in theirs:
+            t = theirs[name]
+            row += f" {pct(t, 50):.1f} | {pct(t, 99):.1f} | {pct(t, 50) / pct(ms, 50):.2f}x |"
+        else:
+            row += " | | |"
+        print(row)
+    print(f"{args.frames} frames timed in {args.rounds} alternated rounds after {args.warmup} warm-up frames; "
+          f"random weights and inputs; load average at the end {load()}")
+    print("targets (2-core CPU): LM step p50 <= 50 ms; full loop p50 <= 80 ms")
     return 0
 
 
