@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from moshax.config import TransformerConfig
-from moshax.layers.attention import KVCache, MultiHeadAttention, RowsKVCache
+from moshax.layers.attention import (KVCache, MultiHeadAttention, RowsKVCache, filled_prefix_index, filled_prefixes,
+                                     rows_attention, rows_attention_filled)
 from moshax.layers.mlp import MLP
 from moshax.layers.norms import LayerNorm, RMSNorm
 from moshax.layers.rope import apply_rope
@@ -145,6 +146,48 @@ def test_negative_positions_write_nothing(cache_cls):
     k_new = np.asarray(k1[0, 1]) if cache_cls is KVCache else np.asarray(k1[0, 1]).T  # slot 4, [H, D] / [D, H]
     got = after.k[0, 4] if cache_cls is KVCache else after.k[:rows, :, 4].reshape(2, 4).T
     np.testing.assert_array_equal(got, k_new)
+
+
+def test_filled_prefixes_double_from_256_up_to_the_ring():
+    assert filled_prefixes(3000) == [256, 512, 1024, 2048, 3000]
+    assert filled_prefixes(1100) == [256, 512, 1024, 1100]
+    assert filled_prefixes(512) == [256, 512] and filled_prefixes(256) == [256] and filled_prefixes(8) == [8]
+
+
+@pytest.mark.parametrize("rows_at,size", [
+    ([9, 3], 256),  # both rows early in their streams
+    ([255, -1], 256),  # slot 255 is the last of the shortest prefix; row 1 reset (empty)
+    ([256, 40], 512),  # slot 256 is past it
+    ([700, 1023], 1024),
+    ([1024, 2], 1100),
+    ([1099, 0], 1100),  # the ring just full
+    ([1250, 5], 1100),  # row 0 has wrapped: its newest positions sit in the first slots
+])
+def test_rows_attention_reads_only_the_filled_prefix(rows_at, size):
+    """The one-query step over a 1100-slot ring reads the shortest prefix of 256 / 512 / 1024 /
+    1100 slots that holds every stored position and equals the whole-ring attention; each row
+    holds its stream's last (up to 1100) positions ending at ``rows_at`` (-1: empty)."""
+    g = np.random.default_rng(0)
+    cap, h, d = 1100, 2, 8
+    cache = RowsKVCache.empty(2, cap, h, d)
+    for row, last in enumerate(rows_at):
+        if last < 0:
+            continue
+        pos = np.full((2, last + 1), -1, np.int32)
+        pos[row] = np.arange(last + 1)
+        k, v = (jnp.asarray(g.normal(size=(2, last + 1, h, d)).astype(np.float32)) for _ in range(2))
+        cache = cache.write(k, v, jnp.asarray(pos))
+    sizes = filled_prefixes(cap)
+    assert sizes[int(filled_prefix_index(cache.pos, sizes))] == size
+    q = jnp.asarray(g.normal(size=(2, 1, h, d)).astype(np.float32))
+    q_pos = jnp.asarray([[max(last, 0)] for last in rows_at])
+    got = jax.jit(lambda q, c: rows_attention_filled(q, c, q_pos, context=cap, causal=True))(q, cache)
+    want = rows_attention(q, cache.k, cache.v, q_pos, cache.pos, context=cap, causal=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # the stored entries are what the attention sees: a prefix one bucket shorter would drop some
+    if size > 256:
+        shorter = sizes[sizes.index(size) - 1]
+        assert int(jnp.max(cache.pos[:, shorter:])) >= 0
 
 
 def _ring_copies(cache_cls):
