@@ -190,6 +190,27 @@ def test_rows_attention_reads_only_the_filled_prefix(rows_at, size):
         assert int(jnp.max(cache.pos[:, shorter:])) >= 0
 
 
+def test_rows_kv_cache_reads_growing_prefixes_as_the_kv_cache():
+    """Through the layer: chunks of 100 positions into 600-slot rings (window 500), the rows at
+    positions 0.. and 150..; the rows layout reads 256 / 512 / 600 slots as the stream grows
+    (and wraps past 600) and equals the KVCache layer, which reads its whole ring."""
+    attn = MultiHeadAttention(16, 2, context=500, causal=True, rope=True, max_period=10000.0,
+                              init_std=0.3, rngs=nnx.Rngs(2))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 800, 16)).astype(np.float32))
+    start = jnp.asarray([[0], [150]])
+    ring, rows = KVCache.empty(2, 600, 2, 8), RowsKVCache.empty(2, 600, 2, 8)
+    step = jax.jit(lambda x, pos, cache: attn(x, pos, cache))
+    read = []
+    for s in range(0, 800, 100):
+        pos = start + jnp.arange(s, s + 100)[None]
+        y_ring, ring = step(x[:, s:s + 100], pos, ring)
+        y_rows, rows = step(x[:, s:s + 100], pos, rows)
+        np.testing.assert_allclose(y_rows, y_ring, rtol=2e-5, atol=2e-5)
+        read.append(filled_prefixes(600)[int(filled_prefix_index(rows.pos, filled_prefixes(600)))])
+    assert read == [256, 512, 512, 600, 600, 600, 600, 600]
+    np.testing.assert_array_equal(rows.pos, ring.pos)
+
+
 def _ring_copies(cache_cls):
     """Ops in a compiled one-query decode step (12 heads, ring 3000, donated) that copy or transpose a ring."""
     attn = MultiHeadAttention(768, 12, context=3000, causal=True, rope=True, max_period=10000.0,
