@@ -118,9 +118,10 @@ FILLED_PREFIX_MIN = 256  # the shortest ring prefix a step reads; the others dou
 def filled_prefixes(capacity: int) -> list[int]:
     """The ring prefix lengths :func:`rows_attention_filled` picks from: 256, 512, ... below the
     capacity, then the whole ring."""
-    sizes = []
-    while (sizes[-1] * 2 if sizes else FILLED_PREFIX_MIN) < capacity:
-        sizes.append(sizes[-1] * 2 if sizes else FILLED_PREFIX_MIN)
+    sizes, n = [], FILLED_PREFIX_MIN
+    while n < capacity:
+        sizes.append(n)
+        n *= 2
     return sizes + [capacity]
 
 
