@@ -82,7 +82,7 @@ def fast_forward(state, position: int):
 def reference_worker(frames_total: int) -> None:
     """Child process: Kyutai's LMGen (greedy) on config (b) and the full loop with the full Mimi,
     random weights (bench/reference.py builds Mimi). Each stdin line "lm N" / "loop N" runs N more
-    frames of the same stream and prints their per-frame ms as one JSON line."""
+    frames of the same stream and prints their per-frame seconds as one JSON line."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_reference", Path(__file__).resolve().parent / "reference.py")
