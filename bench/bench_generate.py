@@ -83,18 +83,11 @@ def reference_worker(frames_total: int) -> None:
     """Child process: Kyutai's LMGen (greedy) on config (b) and the full loop with the full Mimi,
     random weights (bench/reference.py builds Mimi). Each stdin line "lm N" / "loop N" runs N more
     frames of the same stream and prints their per-frame seconds as one JSON line."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_reference", Path(__file__).resolve().parent / "reference.py")
-    rc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rc)
     import torch
+    from bench_mimi import ref_common
     from moshi.models import LMGen, loaders
 
-    if os.environ.get("MOSHAX_BENCH_MALLOC") == "tuned":
-        from moshax.host_malloc import tune_host_malloc
-
-        tune_host_malloc(1)
+    rc = ref_common()
     mimi, _ = rc.build_full_mimi()
     torch.manual_seed(4321)
     lm = loaders.get_moshi_lm(None, dict(loaders._lm_kwargs, **LM_B), device="cpu", dtype=torch.float32)
@@ -122,14 +115,14 @@ def reference_worker(frames_total: int) -> None:
     for line in sys.stdin:
         what, n = line.split()
         frame = lm_frame if what == "lm" else loop_frame
-        ms = []
+        seconds = []
         with torch.no_grad():
             for _ in range(int(n)):
                 t0 = time.perf_counter()
                 frame(at[what])
-                ms.append(time.perf_counter() - t0)
+                seconds.append(time.perf_counter() - t0)
                 at[what] += 1
-        print(json.dumps({"seconds": ms}), flush=True)
+        print(json.dumps({"seconds": seconds}), flush=True)
 
 
 def run(fn, inputs, warmup):
@@ -186,11 +179,9 @@ def main() -> int:
     codes = g.integers(0, cfg.card, (n, args.batch, cfg.n_q - cfg.dep_q, 1)).astype(np.int32)
     # name -> (per-frame call, its inputs, reference request or None)
     sides = {}
-    for name, sampling in (("LM step, greedy", Sampling.greedy()), ("LM step, sampled (defaults)", Sampling())):
-        gen = MoshiStream(lm, args.batch, sampling)
-        sides[name] = ((lambda c, gen=gen: gen.step(c).audio), codes, "lm" if sampling.temperature == 0 else None)
-        if sampling.temperature == 0:
-            gen_greedy = gen
+    greedy, sampled = MoshiStream(lm, args.batch, Sampling.greedy()), MoshiStream(lm, args.batch, Sampling())
+    sides["LM step, greedy"] = (lambda c: greedy.step(c).audio, codes, "lm")
+    sides["LM step, sampled (defaults)"] = (lambda c: sampled.step(c).audio, codes, None)
     if not args.skip_loop:
         mimi = Mimi(MimiConfig(), rngs=nnx.Rngs(1))
         loop = DuplexLoop(lm, mimi, args.batch, Sampling.greedy())
@@ -225,17 +216,13 @@ def main() -> int:
         ref.close()
     # the same streams with every ring full (a conversation past its first 4 minutes)
     full_at = cfg.transformer.context + n
-    for name in list(sides):
-        if sides[name][2] is None:
-            continue
-        fn, inputs, _ = sides[name]
-        stream = gen_greedy if sides[name][2] == "lm" else loop
-        if stream is loop:
-            loop.lm_state = fast_forward(loop.lm_state, full_at)
-        else:
-            stream.state = fast_forward(stream.state, full_at)
-        time.sleep(PAUSE)
-        ours[f"{name}, rings full (frame {full_at})"] = run(fn, inputs[-args.frames:], 0)
+    greedy.state = fast_forward(greedy.state, full_at)
+    if not args.skip_loop:
+        loop.lm_state = fast_forward(loop.lm_state, full_at)
+    for name, (fn, inputs, kind) in list(sides.items()):
+        if kind is not None:  # the greedy LM step and the loop
+            time.sleep(PAUSE)
+            ours[f"{name}, rings full (frame {full_at})"] = run(fn, inputs[-args.frames:], 0)
     print()
     print(f"| per frame (batch {args.batch}) | p50 ms | p99 ms | mean ms | real-time factor (p50 / 80 ms) "
           "| reference p50 ms | reference p99 ms | moshax vs reference (p50) |")

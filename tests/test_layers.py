@@ -200,13 +200,13 @@ def test_rows_kv_cache_reads_growing_prefixes_as_the_kv_cache():
     start = jnp.asarray([[0], [150]])
     ring, rows = KVCache.empty(2, 600, 2, 8), RowsKVCache.empty(2, 600, 2, 8)
     step = jax.jit(lambda x, pos, cache: attn(x, pos, cache))
-    read = []
+    sizes, read = filled_prefixes(600), []
     for s in range(0, 800, 100):
         pos = start + jnp.arange(s, s + 100)[None]
         y_ring, ring = step(x[:, s:s + 100], pos, ring)
         y_rows, rows = step(x[:, s:s + 100], pos, rows)
         np.testing.assert_allclose(y_rows, y_ring, rtol=2e-5, atol=2e-5)
-        read.append(filled_prefixes(600)[int(filled_prefix_index(rows.pos, filled_prefixes(600)))])
+        read.append(sizes[int(filled_prefix_index(rows.pos, sizes))])
     assert read == [256, 512, 512, 600, 600, 600, 600, 600]
     np.testing.assert_array_equal(rows.pos, ring.pos)
 

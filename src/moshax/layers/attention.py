@@ -145,11 +145,11 @@ def rows_attention_filled(q, cache: RowsKVCache, q_pos, *, context: int | None, 
     (zero-probability) terms: equal to the whole-ring read up to float summation order."""
     sizes = filled_prefixes(cache.pos.shape[1])
 
-    def prefix(n):
-        return lambda q, k, v, k_pos: rows_attention(q, k[:, :, :n], v[:, :, :n], q_pos, k_pos[:, :n],
-                                                     context=context, causal=causal)
+    def prefix(n):  # only the prefix read is cast to the queries' dtype
+        return lambda q, k, v, k_pos: rows_attention(q, k[:, :, :n].astype(q.dtype), v[:, :, :n].astype(q.dtype),
+                                                     q_pos, k_pos[:, :n], context=context, causal=causal)
 
-    operands = (q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache.pos)
+    operands = (q, cache.k, cache.v, cache.pos)
     if len(sizes) == 1:
         return prefix(sizes[0])(*operands)
     return jax.lax.switch(filled_prefix_index(cache.pos, sizes), [prefix(n) for n in sizes], *operands)
