@@ -1,7 +1,7 @@
 """Mimi train step on this CPU, full released architecture, B=4 x 2 s crops: moshax (JAX, jitted)
 vs the PyTorch reference (moshi 0.2.13 in train mode, 2 threads) in one run, same weights and crops.
 
-    NO_TORCH_COMPILE=1 .venv/bin/python bench/bench_mimi_train.py [--repeats 5] [--gan] [--malloc default]
+    NO_TORCH_COMPILE=1 .venv/bin/python bench/bench_mimi_train.py [--repeats 8] [--gan] [--malloc default]
 
 Both sides run the same work (the reference through bench/reference.py and the installed moshi):
 
@@ -151,9 +151,19 @@ def moshax_side(model, cfg, crops):
     return fwd_bwd, full, info
 
 
+def paired_ratios(times: dict) -> str:
+    """The ratio of each round's steps (they ran seconds apart, so a change in the machine's load
+    hits both): its median and range say how far one run's ratio of medians can be trusted."""
+    parts = []
+    for label, ours, theirs in (("full step", "full", "ref_full"), ("fwd+bwd", "fb", "ref_fb")):
+        r = [t / o for o, t in zip(times[ours], times[theirs])]
+        parts.append(f"{label} median {median(r):.2f}x, range {min(r):.2f}-{max(r):.2f}x")
+    return f"per-round ratios ({len(times['full'])} rounds): " + "; ".join(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--gan", action="store_true", help="also time moshax's full GAN train step (Trainer)")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
     ap.add_argument("--reference-worker", nargs=3, help=argparse.SUPPRESS)
@@ -227,6 +237,7 @@ def main() -> int:
           f"{m['ref_fb'] / m['fb']:.2f}x; last losses moshax {losses['full']:.4f}, reference {losses['ref_full']:.4f}; "
           f"{args.repeats} timed steps of each after warm-up, same crops, fp32, reference threads "
           f"{theirs.info['threads']}, malloc {args.malloc}")
+    print(paired_ratios(times))
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     if args.gan:
