@@ -171,6 +171,8 @@ def main() -> int:
     if args.reference_worker:
         reference_worker(*args.reference_worker)
         return 0
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.malloc == "tuned":
         tune_malloc()
     header(f"Mimi train step (forward + L1/MSE/commitment + backward [+ AdamW]), B={B} x {CROP_S:.0f} s: "
