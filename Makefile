@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= data
 WORKDIR ?= runs/helium_tiny
 
-.PHONY: install quickstart moshi-quickstart data data-quickstart test test-slow bench clean
+.PHONY: install quickstart moshi-quickstart data data-quickstart test test-slow bench bench-targets clean
 
 $(BIN)/moshax: pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=..." >&2; exit 1; }
@@ -83,6 +83,10 @@ test-slow: install
 
 bench: install data
 	$(BIN)/python bench/bench_helium_train.py
+
+# every CPU speed target beside its figure, in one run (~10 min; run it on a quiet machine)
+bench-targets: install
+	$(BIN)/python bench/targets.py
 
 clean:
 	rm -rf $(DATA) runs

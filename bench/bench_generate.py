@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LineWorker, header  # noqa: E402
+from common import LineWorker, add_json_option, header, write_figures  # noqa: E402
 
 from moshax.interop.lm_config import moshi_config_from_kyutai  # noqa: E402
 
@@ -145,11 +145,15 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--rounds", type=int, default=4, help="alternated rounds of frames/rounds frames per side")
     ap.add_argument("--reference-worker", type=int, help=argparse.SUPPRESS)
+    add_json_option(ap)
     args = ap.parse_args()
+    load_start = os.getloadavg()
     if args.reference_worker:
         reference_worker(args.reference_worker)
         return 0
     if args.batches:
+        if args.json:
+            ap.error("--json writes the batch-1 rows' figures; it does not go with --batches")
         return batched(args)
     if args.frames < args.rounds or args.warmup < 1:
         ap.error("--frames must be at least --rounds, and --warmup at least 1")
@@ -239,6 +243,16 @@ def main() -> int:
           f"random weights and inputs; load average at the end {load()}")
     print("targets (2-core CPU): LM step p50 <= 50 ms; full loop p50 <= 80 ms. The reference reads its whole ring "
           "every step; moshax the filled part: the 'rings full' rows (no reference beside) are its steady state")
+    short = {"LM step, greedy": "lm_step", "LM step, sampled (defaults)": "lm_step_sampled",
+             "full loop (Mimi encode + LM step + Mimi decode)": "loop"}
+    figures = {}
+    for name, ms in ours.items():
+        base = name.split(", rings full")[0]
+        key = short[base] + ("_rings_full" if base != name else "")
+        figures[f"{key}_p50_ms"] = pct(ms, 50)
+        if name in theirs:
+            figures[f"{key}_reference_p50_ms"] = pct(theirs[name], 50)
+    write_figures(args.json, figures, load_start)
     return 0
 
 

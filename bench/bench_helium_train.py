@@ -12,6 +12,7 @@ compile grow with depth; this config's 3.2M-weight layers keep the scan under ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, median, timed  # noqa: E402
+from common import add_json_option, header, median, timed, write_figures  # noqa: E402
 
 from moshax.config import from_dict, load_config  # noqa: E402
 from moshax.training.lm_task import LMTask  # noqa: E402
@@ -71,7 +72,9 @@ def compile_time(layers: int, tmp: str, loop: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    add_json_option(ap)
     args = ap.parse_args()
+    load_start = os.getloadavg()
     reps = 3 if args.quick else 8
     header("Helium train step (fwd + bwd + AdamW), fp32")
     tiny_cfg = load_config(ROOT / "configs/helium_tiny.yaml")
@@ -84,9 +87,12 @@ def main() -> None:
         print(f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['step_s']:.3f} | {r['tokens_s']:.0f} | {r['compile_s']:.1f} |")
     print("\n| train-step compile (~50M config width) | 4 layers | 32 layers | ratio (target <= 1.5x for the scan) |")
     print("|---|---|---|---|")
+    figures = {f"{r['config'].removeprefix('~')}_tokens_per_s": r["tokens_s"] for r in rows}
     for loop in ("scan", "unrolled"):
         c4, c32 = compile_time(4, "/tmp/moshax-bench", loop), compile_time(32, "/tmp/moshax-bench", loop)
         print(f"| seconds, layer_loop={loop} | {c4:.2f} | {c32:.2f} | {c32 / c4:.2f}x |")
+        figures[f"compile_32_vs_4_layers_{loop}"] = c32 / c4
+    write_figures(args.json, figures, load_start)
 
 
 if __name__ == "__main__":

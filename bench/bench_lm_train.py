@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LineWorker, header, median, timed  # noqa: E402
+from common import LineWorker, add_json_option, header, median, timed, write_figures  # noqa: E402
 
 from moshax.config import from_dict, load_config, to_dict  # noqa: E402
 from moshax.interop.lm_config import moshi_config_from_kyutai, moshi_config_to_kyutai  # noqa: E402
@@ -253,7 +253,9 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="glibc allocator settings for both sides (see the module docstring)")
+    add_json_option(ap)
     args = ap.parse_args()
+    load_start = os.getloadavg()
     reps = 3 if args.quick else 5
     tuned = args.malloc == "tuned" and tune_malloc()
     header(f"Moshi LM train step, B={B} x T={T} frames, fp32 (moshax vs PyTorch moshi 0.2.13 in the same run)")
@@ -296,6 +298,13 @@ def main() -> None:
                       for n, _, o, _ in rows))
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("targets (config b): full step vs full step >= 1.1x; fwd+bwd vs fwd+bwd >= 1.0x; update alone <= 0.4 s")
+    figures = {}
+    for name, _, ours, ref in rows:
+        key = name.split()[0].removeprefix("moshi_")  # "tiny" or "b"
+        figures |= {f"{key}_full_step_s": ours["step"], f"{key}_fwd_bwd_s": ours["fwd_bwd"], f"{key}_update_s": ours["update"]}
+        if ref is not None:
+            figures |= {f"{key}_full_step_ratio": ref["full"] / ours["step"], f"{key}_fwd_bwd_ratio": ref["fwd_bwd"] / ours["fwd_bwd"]}
+    write_figures(args.json, figures, load_start)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, median  # noqa: E402
+from common import add_json_option, header, median, write_figures  # noqa: E402
 
 
 def ref_common():
@@ -106,7 +106,9 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--warmup-frames", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=10.0)
+    add_json_option(ap)
     args = ap.parse_args()
+    load_start = os.getloadavg()
 
     header("Mimi (full released architecture, random weights, 8 codebooks): moshax vs PyTorch reference")
     rc = ref_common()
@@ -210,6 +212,12 @@ def main() -> int:
     print(f"\n{args.frames} frames timed after {args.warmup_frames} warm-up frames; budget 80 ms/frame: moshax p50 "
           f"{pct(both, 50):.1f} ms ({'within' if pct(both, 50) <= 80 else 'over'} budget; target <= 40 ms); "
           f"streaming codes == batch codes on {100 * match:.2f}% of entries")
+    write_figures(args.json, {
+        "batch_encode_ratio": median(theirs["encode"]) / median(ours["encode"]),
+        "batch_encode_audio_s_per_s": args.seconds / median(ours["encode"]),
+        "batch_codes_equal_reference": equal,
+        "stream_p50_ms": pct(both, 50), "stream_reference_p50_ms": pct([a + b for a, b in zip(ref_enc, ref_dec)], 50),
+        "stream_codes_equal_batch": match}, load_start)
     return 0
 
 

@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mimi import REF, ref_common  # noqa: E402
 from bench_lm_train import PAUSE, tune_malloc  # noqa: E402
-from common import LineWorker, header, median  # noqa: E402
+from common import LineWorker, add_json_option, header, median, write_figures  # noqa: E402
 
 B, CROP_S = 4, 2.0
 # Both sides k-means-initialize one more codebook level per training step (Kyutai's rule: a level
@@ -167,7 +167,9 @@ def main() -> int:
     ap.add_argument("--gan", action="store_true", help="also time moshax's full GAN train step (Trainer)")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
     ap.add_argument("--reference-worker", nargs=3, help=argparse.SUPPRESS)
+    add_json_option(ap)
     args = ap.parse_args()
+    load_start = os.getloadavg()
     if args.reference_worker:
         reference_worker(*args.reference_worker)
         return 0
@@ -241,6 +243,11 @@ def main() -> int:
           f"{theirs.info['threads']}, malloc {args.malloc}")
     print(paired_ratios(times))
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    full_rounds = [t / o for o, t in zip(times["full"], times["ref_full"])]
+    write_figures(args.json, {"full_step_s": m["full"], "fwd_bwd_s": m["fb"], "reference_full_step_s": m["ref_full"],
+                              "reference_fwd_bwd_s": m["ref_fb"], "full_step_ratio": m["ref_full"] / m["full"],
+                              "fwd_bwd_ratio": m["ref_fb"] / m["fb"], "full_step_round_ratio_min": min(full_rounds),
+                              "full_step_round_ratio_max": max(full_rounds)}, load_start)
 
     if args.gan:
         from moshax.config import from_dict

@@ -10,12 +10,27 @@ import subprocess
 import time
 
 
+def cpu_model() -> str:
+    """The CPU's name, family and model from /proc/cpuinfo (AMD family 25 is Zen 3/4, 26 is Zen 5):
+    these VMs land on hosts of different generations, and the figures differ with them."""
+    try:
+        fields = {}
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if not line.strip():
+                break
+            fields.setdefault(key.strip(), value.strip())
+        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def header(title: str) -> None:
     import jax
 
     print(f"== {title}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()} "
-          f"({jax.devices()[0].device_kind}), {platform.processor() or platform.machine()}, cpus {os.cpu_count()}")
+          f"({jax.devices()[0].device_kind}), {cpu_model()}, cpus {os.cpu_count()}")
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -60,3 +75,19 @@ class LineWorker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def add_json_option(ap) -> None:
+    """``--json PATH``: the bench's headline figures as one JSON object (what ``bench/targets.py``
+    reads to put every figure beside its target)."""
+    ap.add_argument("--json", metavar="PATH", help="also write the headline figures to PATH as JSON")
+
+
+def write_figures(path: str | None, figures: dict, load_start: tuple[float, float, float]) -> None:
+    """Write ``figures`` (name -> number) with the 1-minute load average at the start and the end."""
+    if not path:
+        return
+    out = {"figures": {k: float(v) for k, v in figures.items()}, "cpu": cpu_model(),
+           "load_start": round(load_start[0], 2), "load_end": round(os.getloadavg()[0], 2)}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
