@@ -84,7 +84,7 @@ test-slow: install
 bench: install data
 	$(BIN)/python bench/bench_helium_train.py
 
-# every CPU speed target beside its figure, in one run (~10 min; run it on a quiet machine)
+# every training and inference speed target beside its figure, in one run (~10 min; run it on a quiet machine)
 bench-targets: install
 	$(BIN)/python bench/targets.py
 

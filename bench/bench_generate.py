@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LineWorker, add_json_option, header, write_figures  # noqa: E402
+from common import LineWorker, add_json_option, header, load_average, write_figures  # noqa: E402
 
 from moshax.interop.lm_config import moshi_config_from_kyutai  # noqa: E402
 
@@ -56,10 +56,6 @@ PAUSE = 0.5  # s of idle before each round: the other side's spinning worker thr
 
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs) * 1e3, q))
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def fast_forward(state, position: int):
@@ -174,7 +170,7 @@ def main() -> int:
         ref = LineWorker([sys.executable, __file__, "--reference-worker", str(n)], "default")
         print(f"reference side: torch {ref.info['torch']}, {ref.info['threads']} threads, child process, "
               f"{ref.info['params'] / 1e6:.2f}M params")
-    print(f"load average at the start {load()}")
+    print(f"load average at the start {load_average()}")
     cfg = moshi_config_from_kyutai(LM_B)
     lm = MoshiLM(cfg, rngs=nnx.Rngs(0))
     print(f"config (b): {lm.num_params() / 1e6:.2f}M params, context {cfg.transformer.context}, "
@@ -240,7 +236,7 @@ def main() -> int:
             row += " | | |"
         print(row)
     print(f"{args.frames} frames timed in {args.rounds} alternated rounds after {args.warmup} warm-up frames; "
-          f"random weights and inputs; load average at the end {load()}")
+          f"random weights and inputs; load average at the end {load_average()}")
     print("targets (2-core CPU): LM step p50 <= 50 ms; full loop p50 <= 80 ms. The reference reads its whole ring "
           "every step; moshax the filled part: the 'rings full' rows (no reference beside) are its steady state")
     short = {"LM step, greedy": "lm_step", "LM step, sampled (defaults)": "lm_step_sampled",

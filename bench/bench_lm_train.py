@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LineWorker, add_json_option, header, median, timed, write_figures  # noqa: E402
+from common import LineWorker, add_json_option, header, load_average, median, timed, write_figures  # noqa: E402
 
 from moshax.config import from_dict, load_config, to_dict  # noqa: E402
 from moshax.interop.lm_config import moshi_config_from_kyutai, moshi_config_to_kyutai  # noqa: E402
@@ -260,7 +260,7 @@ def main() -> None:
     tuned = args.malloc == "tuned" and tune_malloc()
     header(f"Moshi LM train step, B={B} x T={T} frames, fp32 (moshax vs PyTorch moshi 0.2.13 in the same run)")
     print(f"malloc: {'tuned (no mmap, no trim, arenas ' + os.environ.get('MOSHAX_BENCH_ARENAS', '1') + ')' if tuned else 'glibc defaults'}; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average {load_average()}")
     rows = []
     for name, mcfg in model_configs(args.configs.split(",")).items():
         ours, ref = run_config(mcfg, reps, reference=not args.no_reference, malloc=args.malloc)
@@ -296,7 +296,7 @@ def main() -> None:
           "(fwd+bwd / train step / update): "
           + ", ".join(f"{n} {o['compile_fwd_bwd']:.1f} / {o['compile_step']:.1f} / {o['compile_update']:.1f}"
                       for n, _, o, _ in rows))
-    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at the end {load_average()}")
     print("targets (config b): full step vs full step >= 1.1x; fwd+bwd vs fwd+bwd >= 1.0x; update alone <= 0.4 s")
     figures = {}
     for name, _, ours, ref in rows:

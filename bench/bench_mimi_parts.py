@@ -26,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, median  # noqa: E402
+from common import header, load_average, median  # noqa: E402
 
 B, SAMPLES = 4, 48000
 PARTS = ["encoder", "encoder_transformer", "downsample", "upsample", "decoder_transformer", "decoder"]
@@ -140,7 +140,7 @@ def main() -> int:
     from bench_mimi import ref_common
 
     header(f"Mimi train step by part (fwd+bwd of each part alone), B={B} x {SAMPLES / 24000:.0f} s")
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average {load_average()}")
     from safetensors.torch import save_file
 
     ref, _ = ref_common().build_full_mimi()
@@ -160,7 +160,7 @@ def main() -> int:
     tr, tm = sum(res["reference"].values()), sum(res["moshax"].values())
     print(f"| sum | {tr:.3f} | {tm:.3f} | {tr / tm:.2f}x |")
     print(f"medians of {args.repeats} after 2 warm-ups; malloc {args.malloc}; "
-          f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average at the end {load_average()}")
     return 0
 
 

@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mimi import REF, ref_common  # noqa: E402
 from bench_lm_train import PAUSE, tune_malloc  # noqa: E402
-from common import LineWorker, add_json_option, header, median, write_figures  # noqa: E402
+from common import LineWorker, add_json_option, header, load_average, median, write_figures  # noqa: E402
 
 B, CROP_S = 4, 2.0
 # Both sides k-means-initialize one more codebook level per training step (Kyutai's rule: a level
@@ -179,7 +179,7 @@ def main() -> int:
         tune_malloc()
     header(f"Mimi train step (forward + L1/MSE/commitment + backward [+ AdamW]), B={B} x {CROP_S:.0f} s: "
            "moshax vs reference")
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average {load_average()}")
     rc = ref_common()
     import torch
 
@@ -242,7 +242,7 @@ def main() -> int:
           f"{args.repeats} timed steps of each after warm-up, same crops, fp32, reference threads "
           f"{theirs.info['threads']}, malloc {args.malloc}")
     print(paired_ratios(times))
-    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at the end {load_average()}")
     full_rounds = [t / o for o, t in zip(times["full"], times["ref_full"])]
     write_figures(args.json, {"full_step_s": m["full"], "fwd_bwd_s": m["fb"], "reference_full_step_s": m["ref_full"],
                               "reference_fwd_bwd_s": m["ref_fb"], "full_step_ratio": m["ref_full"] / m["full"],

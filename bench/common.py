@@ -25,6 +25,11 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, as the benches print them beside their figures."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def header(title: str) -> None:
     import jax
 

@@ -99,7 +99,31 @@ def test_runner_collects_figures_and_reports_a_failed_bench(targets, tmp_path, c
     assert len(summary["rows"]) == 4  # only the selected benches' targets
 
 
-def test_unknown_bench_is_a_usage_error(targets, capsys):
+def test_unknown_bench_or_a_file_for_out_is_a_usage_error(targets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         targets.main(["--only", "mimi,speed"])
     assert e.value.code == 2 and "unknown bench speed" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(SystemExit) as e:
+        targets.main(["--only", "mimi", "--out", str(tmp_path / "notes.txt")])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_finished_benches(targets, tmp_path, capsys, monkeypatch):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "bench_mimi.py").write_text(
+        "import json, sys\njson.dump({'figures': {}, 'load_start': 0, 'load_end': 0}, open(sys.argv[-1], 'w'))\n")
+    real_call = targets.subprocess.call
+
+    def call(argv, **kw):  # the second bench is interrupted (Ctrl-C reaches the runner's wait)
+        if argv[1].endswith("bench_generate.py"):
+            raise KeyboardInterrupt
+        return real_call(argv, **kw)
+
+    monkeypatch.setattr(targets.subprocess, "call", call)
+    rc = targets.main(["--only", "mimi,generate", "--out", str(tmp_path / "out"), "--scripts", str(scripts)])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted during bench_generate.py" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "out" / "mimi.json").read_text())["figures"] == {}
